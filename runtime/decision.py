@@ -1,0 +1,51 @@
+"""Fused decisions and their JSON Lines form.
+
+One decision per (node, window). The JSON is canonical (fixed key order,
+scores rounded to 6 decimals) so that replaying the same input twice gives
+byte-identical output, and live and replay agree.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+SCORE_DECIMALS = 6
+
+FALLBACK_NONE = "none"
+FALLBACK_MASKED = "masked"
+FALLBACK_ABSTAIN = "abstain"
+
+
+@dataclass(frozen=True)
+class Decision:
+    node: str
+    seq: int
+    window_start_ns: int
+    window_end_ns: int
+    label: str | None
+    scores: dict[str, float]
+    used: tuple[str, ...]
+    missing: tuple[str, ...]
+    fallback: str
+    missing_reason: dict[str, str]
+    model: str
+    coverage: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "node": self.node,
+            "seq": self.seq,
+            "window_start_ns": self.window_start_ns,
+            "window_end_ns": self.window_end_ns,
+            "label": self.label,
+            "scores": {k: round(float(v), SCORE_DECIMALS) for k, v in self.scores.items()},
+            "used": list(self.used),
+            "missing": list(self.missing),
+            "fallback": self.fallback,
+            "missing_reason": dict(self.missing_reason),
+            "coverage": {k: round(float(v), 4) for k, v in self.coverage.items()},
+            "model": self.model,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)

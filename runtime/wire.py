@@ -1,0 +1,183 @@
+"""Wire formats of a chunk: compact binary and JSON.
+
+Used by MCAP logs (binary), MQTT payloads and serial frames (either). The
+node and modality travel beside the payload (MQTT topic, MCAP channel
+topic, serial JSON object), never inside the binary header.
+
+Binary layout, little-endian, 40-byte header then samples:
+
+    offset size  field
+    0      4     magic  b"EFCK"
+    4      1     version (1)
+    5      1     dtype  1=int16, 2=float32, 3=int32
+    6      2     channels (uint16, >= 1)
+    8      8     rate_hz (float64; 0 = unknown, the aligner estimates it)
+    16     8     t0_ns (int64, device time of the first sample)
+    24     8     seq (int64)
+    32     4     full_scale (float32; 0 = unknown)
+    36     4     reserved (0)
+    40     ...   samples [n][channels] of dtype, row-major
+
+JSON: {"t0_ns": int, "rate_hz": float|null, "seq": int,
+       "values": [[...], ...] or [...] for one channel,
+       "full_scale": float (optional)}
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+
+import numpy as np
+
+from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.errors import InputError, WireFormatError
+
+MAGIC = b"EFCK"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHdqqfI")
+HEADER_SIZE = HEADER.size  # 40
+DTYPES = {1: np.dtype("<i2"), 2: np.dtype("<f4"), 3: np.dtype("<i4")}
+DTYPE_CODES = {v: k for k, v in DTYPES.items()}
+DEFAULT_MAX_PAYLOAD = 1 << 20  # 1 MiB: > 25 s of 9.9 kHz int16 audio
+MAX_CHANNELS = 64
+
+
+def _check_size(payload: bytes, max_payload: int) -> None:
+    if len(payload) > max_payload:
+        raise WireFormatError(
+            f"payload of {len(payload)} bytes exceeds the limit of {max_payload} bytes; "
+            "send smaller chunks or raise max_payload_bytes"
+        )
+
+
+def encode_binary(chunk: Chunk, dtype: str | np.dtype = "<f4") -> bytes:
+    """Encode a chunk; dtype int16 keeps PCM data at half the size of float32."""
+    dt = np.dtype(dtype).newbyteorder("<")
+    if dt not in DTYPE_CODES:
+        raise WireFormatError(f"dtype must be one of int16, float32, int32; found {dt}")
+    if not 1 <= chunk.channels <= MAX_CHANNELS:
+        raise WireFormatError(f"channels must be 1..{MAX_CHANNELS}, found {chunk.channels}")
+    values = chunk.samples
+    if dt.kind == "i":
+        info = np.iinfo(dt)
+        if values.size and (np.nanmin(values) < info.min or np.nanmax(values) > info.max
+                            or not np.all(np.isfinite(values))
+                            or not np.array_equal(values, np.round(values))):
+            raise WireFormatError(
+                f"samples of {chunk.node}/{chunk.modality} are not integers within {dt}; "
+                "encode them as float32"
+            )
+    header = HEADER.pack(
+        MAGIC, VERSION, DTYPE_CODES[dt], chunk.channels,
+        float(chunk.rate_hz or 0.0), chunk.t0_ns, chunk.seq,
+        float(chunk.full_scale or 0.0), 0,
+    )
+    return header + np.ascontiguousarray(values, dtype=dt).tobytes()
+
+
+def decode_binary(payload: bytes, node: str, modality: str,
+                  max_payload: int = DEFAULT_MAX_PAYLOAD) -> Chunk:
+    """Decode a binary chunk; raises WireFormatError saying what is wrong."""
+    _check_size(payload, max_payload)
+    if len(payload) < HEADER_SIZE:
+        raise WireFormatError(
+            f"binary chunk of {len(payload)} bytes is shorter than its {HEADER_SIZE}-byte header "
+            "(truncated frame?)"
+        )
+    magic, version, code, channels, rate, t0_ns, seq, full_scale, _ = HEADER.unpack_from(payload)
+    if magic != MAGIC:
+        raise WireFormatError(f"binary chunk magic must be {MAGIC!r}, found {magic!r}")
+    if version != VERSION:
+        raise WireFormatError(f"binary chunk version must be {VERSION}, found {version}; "
+                              "upgrade edgefuse or the sender")
+    if code not in DTYPES:
+        raise WireFormatError(f"dtype code must be one of {sorted(DTYPES)}, found {code}")
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise WireFormatError(f"channels must be 1..{MAX_CHANNELS}, found {channels}")
+    dt = DTYPES[code]
+    body = len(payload) - HEADER_SIZE
+    frame = channels * dt.itemsize
+    if body % frame:
+        raise WireFormatError(
+            f"binary chunk body of {body} bytes is not a whole number of {channels}-channel "
+            f"{dt} frames ({frame} bytes each): truncated?"
+        )
+    values = np.frombuffer(payload, dtype=dt, offset=HEADER_SIZE).reshape(-1, channels)
+    if not (math.isfinite(rate) and 0.0 <= rate < 1e7):
+        raise WireFormatError(f"rate_hz must be in [0, 1e7) (0 = unknown), found {rate!r}")
+    try:
+        return Chunk(node, modality, t0_ns, rate or None, values.astype(np.float32), seq,
+                     full_scale=float(full_scale) or None)
+    except InputError as exc:
+        raise WireFormatError(str(exc)) from exc
+
+
+def encode_json(chunk: Chunk) -> bytes:
+    obj = {"t0_ns": chunk.t0_ns, "rate_hz": chunk.rate_hz, "seq": chunk.seq,
+           "values": chunk.samples.tolist()}
+    if chunk.full_scale:
+        obj["full_scale"] = chunk.full_scale
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _require_int(obj: dict, key: str) -> int:
+    value = obj.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise WireFormatError(f"JSON chunk field {key!r} must be an integer, found {value!r}")
+    if not -(1 << 63) <= value < (1 << 63):
+        raise WireFormatError(f"JSON chunk field {key!r} is outside int64: {value!r}")
+    return value
+
+
+def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
+    """Build a chunk from an already-parsed JSON object (serial JSON lines use this)."""
+    if not isinstance(obj, dict):
+        raise WireFormatError(f"JSON chunk must be an object, found {type(obj).__name__}")
+    t0_ns = _require_int(obj, "t0_ns")
+    seq = _require_int(obj, "seq")
+    rate = obj.get("rate_hz")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
+                             or not math.isfinite(rate) or not 0 < rate < 1e7):
+        raise WireFormatError(f"rate_hz must be a number in (0, 1e7) or null, found {rate!r}")
+    raw = obj.get("values")
+    if not isinstance(raw, list) or not raw:
+        raise WireFormatError("JSON chunk field 'values' must be a non-empty list "
+                              "([n][channels], or [n] for one channel)")
+    try:
+        values = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise WireFormatError(f"'values' must hold numbers in a rectangular [n][channels] "
+                              f"list: {exc}") from exc
+    if values.ndim == 1:
+        values = values[:, None]
+    if values.ndim != 2 or not 1 <= values.shape[1] <= MAX_CHANNELS:
+        raise WireFormatError(f"'values' must be [n] or [n][channels<= {MAX_CHANNELS}], "
+                              f"found shape {values.shape}")
+    full_scale = obj.get("full_scale")
+    if full_scale is not None and (not isinstance(full_scale, (int, float)) or full_scale <= 0):
+        raise WireFormatError(f"full_scale must be a positive number, found {full_scale!r}")
+    try:
+        return Chunk(node, modality, t0_ns, None if rate is None else float(rate), values, seq,
+                     full_scale=None if full_scale is None else float(full_scale))
+    except InputError as exc:
+        raise WireFormatError(str(exc)) from exc
+
+
+def decode_json(payload: bytes, node: str, modality: str,
+                max_payload: int = DEFAULT_MAX_PAYLOAD) -> Chunk:
+    _check_size(payload, max_payload)
+    try:
+        # parse_constant keeps NaN/Infinity literals as floats; the aligner flags them.
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WireFormatError(f"JSON chunk does not parse: {exc}") from exc
+    return chunk_from_json_obj(obj, node, modality)
+
+
+def decode_payload(payload: bytes, node: str, modality: str,
+                   max_payload: int = DEFAULT_MAX_PAYLOAD) -> Chunk:
+    """Binary when the payload starts with the magic, JSON otherwise."""
+    if payload[:4] == MAGIC:
+        return decode_binary(payload, node, modality, max_payload)
+    return decode_json(payload, node, modality, max_payload)
