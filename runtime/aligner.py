@@ -40,7 +40,9 @@ class AlignerConfig:
     min_coverage: float = 0.9               # below this fraction of valid samples: missing
     gap_tolerance: float = 3.0              # seams up to this many input periods are bridged
     flatline_range: float = 1e-6            # max-min at or below this (all channels): flatline
-    stuck_fraction: float = 0.5             # one repeated value over this share: stuck
+    stuck_fraction: float = 0.9             # one repeated value over this share: stuck
+    # (0.9, not lower: quiet geophones idle at 0/+-1 counts with long runs of 0,
+    # and a quiet ground is a signal, not a fault)
     clip_fraction: float = 0.01             # share of samples at full scale above this: clipped
     max_pending_chunks: int = 64            # reorder buffer per stream
     rate_history: int = 32                  # chunks used to estimate an unknown rate

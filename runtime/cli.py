@@ -1,0 +1,161 @@
+"""The ``edgefuse`` command line.
+
+The only place that prints to the terminal and chooses exit codes: 0 ok,
+1 a run that failed (bad input, bad model, unwritable output), 2 usage.
+Heavy and optional imports (torch for train/export) happen inside commands.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edgefuse.runtime import __version__
+from edgefuse.runtime.errors import EdgefuseError
+
+log = logging.getLogger("edgefuse")
+
+DEFAULT_MODEL = "standin_av.onnx"
+
+
+def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """A model shipped in edgefuse.models/bundled (no torch import involved)."""
+    from importlib.resources import files
+    return Path(str(files("edgefuse.models").joinpath("bundled", name)))
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help=f"ONNX model with the edgefuse contract (default: bundled {DEFAULT_MODEL})")
+    p.add_argument("--provider", default="cpu",
+                   help="execution providers in order, comma-separated: cpu, cuda, tensorrt")
+    p.add_argument("--require-provider", action="store_true",
+                   help="fail instead of falling back when the first provider is unavailable")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads")
+
+
+def _load_model(args):
+    from edgefuse.runtime.inference import OnnxModel
+    path = Path(args.model) if args.model else bundled_model_path()
+    if not path.exists():
+        raise EdgefuseError(f"model {path} does not exist; pass --model PATH to an .onnx file")
+    return OnnxModel.load(path, providers=args.provider.split(","),
+                          require_provider=args.require_provider, intra_op_threads=args.threads)
+
+
+@contextlib.contextmanager
+def _open_out(path: str):
+    if path == "-":
+        yield sys.stdout
+        return
+    try:
+        fh = open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise EdgefuseError(f"cannot write decisions to {path}: {exc.strerror}; choose a "
+                            "writable path or --out - for stdout") from exc
+    with fh:
+        yield fh
+
+
+def cmd_replay(args) -> int:
+    from edgefuse.runtime.aligner import AlignerConfig
+    from edgefuse.runtime.pipeline import PipelineConfig
+    from edgefuse.runtime.replay import replay
+    from edgefuse.sensors.inputs import open_inputs
+    if args.speed is not None and not args.speed > 0:
+        raise EdgefuseError(f"--speed must be > 0, found {args.speed}")
+    inputs = open_inputs(args.inputs, chunk_s=args.chunk_s)
+    model = _load_model(args)
+    config = PipelineConfig(aligner=AlignerConfig(min_coverage=args.min_coverage),
+                            max_batch=args.max_batch, abstain_below=args.abstain_below)
+    with _open_out(args.out) as out:
+        summary = replay(inputs, model, out, config=config, speed=args.speed,
+                         progress=not args.quiet)
+    log.info("replayed %.1f s of data in %.2f s (%.0fx real time): %d chunks, %d decisions",
+             summary.span_s, summary.wall_s, summary.realtime_factor, summary.chunks,
+             summary.decisions)
+    if args.stats:
+        Path(args.stats).write_text(json.dumps(summary.stats, indent=1, sort_keys=True))
+    return 0
+
+
+def cmd_record(args) -> int:
+    from edgefuse.sensors.inputs import record
+    counts = record(args.inputs, args.output, chunk_s=args.chunk_s)
+    log.info("wrote %s: %s", args.output, counts)
+    return 0
+
+
+def cmd_info(args) -> int:
+    from edgefuse.runtime.info import describe, describe_json
+    model = _load_model(args)
+    print(describe_json(model) if args.json else describe(model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgefuse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"edgefuse {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("EDGEFUSE_LOG_LEVEL", "WARNING"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("replay", help="replay recorded sensor logs through a model")
+    p.add_argument("inputs", nargs="+", help="MCAP logs, goodvibes pass folders / raw WAVs, "
+                   "sp-sw-har CSVs or folders")
+    _add_model_args(p)
+    p.add_argument("--out", default="-", help="decisions as JSON Lines (default: - = stdout)")
+    p.add_argument("--speed", type=float, default=None,
+                   help="pace by the wall clock at this multiple of real time "
+                        "(default: as fast as possible)")
+    p.add_argument("--chunk-s", type=float, default=1.0,
+                   help="chunk length when reading non-MCAP inputs (s)")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--min-coverage", type=float, default=0.9)
+    p.add_argument("--abstain-below", type=float, default=0.0,
+                   help="abstain when a modality is missing and the top score is below this")
+    p.add_argument("--stats", default=None, help="write counters (gaps, drops, drift) as JSON")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_replay)
+
+    p = sub.add_parser("record", help="convert readable inputs into an MCAP log")
+    p.add_argument("inputs", nargs="+")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--chunk-s", type=float, default=1.0)
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("info", help="print a model's contract")
+    p.add_argument("model_path", metavar="MODEL", nargs="?", default=None)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--provider", default="cpu")
+    p.add_argument("--require-provider", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "model_path", None) is not None:
+        args.model = args.model_path
+    elif args.command == "info":
+        args.model = None
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except EdgefuseError as exc:
+        print(f"edgefuse {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
