@@ -61,8 +61,8 @@ def encode_binary(chunk: Chunk, dtype: str | np.dtype = "<f4") -> bytes:
     values = chunk.samples
     if dt.kind == "i":
         info = np.iinfo(dt)
-        if values.size and (np.nanmin(values) < info.min or np.nanmax(values) > info.max
-                            or not np.all(np.isfinite(values))
+        if values.size and (not np.all(np.isfinite(values))
+                            or values.min() < info.min or values.max() > info.max
                             or not np.array_equal(values, np.round(values))):
             raise WireFormatError(
                 f"samples of {chunk.node}/{chunk.modality} are not integers within {dt}; "
@@ -130,6 +130,17 @@ def _require_int(obj: dict, key: str) -> int:
     return value
 
 
+def _finite_number(value: object, low: float, high: float) -> bool:
+    """A real number (not bool) with low < value < high; huge JSON ints are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        v = float(value)
+    except OverflowError:
+        return False
+    return math.isfinite(v) and low < v < high
+
+
 def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
     """Build a chunk from an already-parsed JSON object (serial JSON lines use this)."""
     if not isinstance(obj, dict):
@@ -137,8 +148,7 @@ def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
     t0_ns = _require_int(obj, "t0_ns")
     seq = _require_int(obj, "seq")
     rate = obj.get("rate_hz")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))
-                             or not math.isfinite(rate) or not 0 < rate < 1e7):
+    if rate is not None and not _finite_number(rate, 0.0, 1e7):
         raise WireFormatError(f"rate_hz must be a number in (0, 1e7) or null, found {rate!r}")
     raw = obj.get("values")
     if not isinstance(raw, list) or not raw:
@@ -146,7 +156,7 @@ def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
                               "([n][channels], or [n] for one channel)")
     try:
         values = np.asarray(raw, dtype=np.float32)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, OverflowError) as exc:
         raise WireFormatError(f"'values' must hold numbers in a rectangular [n][channels] "
                               f"list: {exc}") from exc
     if values.ndim == 1:
@@ -155,7 +165,7 @@ def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
         raise WireFormatError(f"'values' must be [n] or [n][channels<= {MAX_CHANNELS}], "
                               f"found shape {values.shape}")
     full_scale = obj.get("full_scale")
-    if full_scale is not None and (not isinstance(full_scale, (int, float)) or full_scale <= 0):
+    if full_scale is not None and not _finite_number(full_scale, 0.0, 3.4e38):
         raise WireFormatError(f"full_scale must be a positive number, found {full_scale!r}")
     try:
         return Chunk(node, modality, t0_ns, None if rate is None else float(rate), values, seq,
@@ -170,7 +180,7 @@ def decode_json(payload: bytes, node: str, modality: str,
     try:
         # parse_constant keeps NaN/Infinity literals as floats; the aligner flags them.
         obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise WireFormatError(f"JSON chunk does not parse: {exc}") from exc
     return chunk_from_json_obj(obj, node, modality)
 

@@ -1,0 +1,238 @@
+"""The one interface every live source implements, and what they share.
+
+A source owns a transport thread (paho's network loop, a serial reader)
+that decodes incoming bytes into chunks and puts them on a bounded queue;
+``read(timeout_s)`` hands the caller whatever has arrived.
+
+Queue policy when full: the OLDEST queued chunk is dropped (and counted in
+``dropped_queue_full``) so that the newest one fits. A full queue means the
+consumer is behind by ``queue_max`` chunks; the oldest of them are the ones
+most likely to miss their window anyway (the aligner would flag them late),
+while fresh data keeps the decisions current. Either way the aligner sees a
+gap for the dropped chunk, never silently shifted data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
+
+from edgefuse.runtime import wire
+from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.errors import TransportError, WireFormatError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE_MAX = 1024
+MAX_READ_BATCH = 4096  # read() never returns more than this many chunks at once
+
+# Why an incoming message was skipped (keys of stats()["malformed"]).
+BAD_TOPIC = "bad_topic"                # MQTT topic does not match the pattern
+UNKNOWN_MODALITY = "unknown_modality"  # modality not in the allowed set
+WRONG_CHANNELS = "wrong_channels"      # channel count differs from the configured one
+BAD_JSON = "bad_json"                  # JSON does not parse
+BAD_FIELDS = "bad_fields"              # JSON parses but a chunk field is missing/invalid
+BAD_HEADER = "bad_header"              # binary header: wrong version/channels
+BAD_DTYPE = "bad_dtype"                # binary header: unknown dtype code
+TRUNCATED = "truncated"                # binary body shorter than its header says; partial frame
+BAD_BINARY = "bad_binary"              # binary header values out of range (rate ...)
+BAD_CSV = "bad_csv"                    # CSV line without modality,t_ns,values or non-numeric
+BAD_FRAME = "bad_frame"                # serial frame header CRC/length/name invalid
+BAD_CRC = "bad_crc"                    # serial frame body CRC mismatch
+
+
+class RejectedPayload(WireFormatError):
+    """A message was refused; ``reason`` is one of the constants above."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def classify_wire_error(payload: bytes) -> str:
+    """Name the reason a payload failed runtime.wire decoding (called on errors only)."""
+    if payload[:4] == wire.MAGIC:
+        if len(payload) < wire.HEADER_SIZE:
+            return TRUNCATED
+        _, version, code, channels, *_ = wire.HEADER.unpack_from(payload)
+        if code not in wire.DTYPES:
+            return BAD_DTYPE
+        if version != wire.VERSION or not 1 <= channels <= wire.MAX_CHANNELS:
+            return BAD_HEADER
+        if (len(payload) - wire.HEADER_SIZE) % (channels * wire.DTYPES[code].itemsize):
+            return TRUNCATED
+        return BAD_BINARY
+    try:
+        json.loads(payload)
+    except (ValueError, RecursionError):  # ValueError covers decode errors and int digit limits
+        return BAD_JSON
+    return BAD_FIELDS
+
+
+class ChunkValidator:
+    """Checks a stream against the allowed modalities and their channel counts.
+
+    allowed: modalities accepted (None = any).
+    channels: modality -> channel count, where known (from the model contract).
+    """
+
+    def __init__(self, allowed: Iterable[str] | None = None,
+                 channels: Mapping[str, int] | None = None):
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self.channels = dict(channels or {})
+
+    def check_modality(self, modality: str) -> None:
+        if self.allowed is not None and modality not in self.allowed:
+            raise RejectedPayload(
+                UNKNOWN_MODALITY,
+                f"modality {modality!r} is not one of {sorted(self.allowed)}; "
+                "fix the sender or add it to allowed_modalities")
+
+    def check_chunk(self, chunk: Chunk) -> Chunk:
+        self.check_modality(chunk.modality)
+        expected = self.channels.get(chunk.modality)
+        if expected is not None and chunk.channels != expected:
+            raise RejectedPayload(
+                WRONG_CHANNELS,
+                f"{chunk.node}/{chunk.modality} seq {chunk.seq}: expected {expected} "
+                f"channel(s), found {chunk.channels}")
+        return chunk
+
+    def decode(self, payload: bytes, node: str, modality: str, max_payload: int) -> Chunk:
+        """Size check first, then modality, then runtime.wire decoding, then channels."""
+        if len(payload) > max_payload:
+            raise RejectedPayload(
+                "oversized", f"{node}/{modality}: payload of {len(payload)} bytes exceeds "
+                f"the limit of {max_payload}; send smaller chunks or raise max_payload_bytes")
+        self.check_modality(modality)
+        try:
+            chunk = wire.decode_payload(payload, node, modality, max_payload)
+        except WireFormatError as exc:
+            raise RejectedPayload(classify_wire_error(payload), str(exc)) from exc
+        except (ValueError, OverflowError, RecursionError) as exc:
+            # json.loads: > 4300-digit ints (ValueError), deep nesting (RecursionError);
+            # numpy: ints beyond float range (OverflowError). Still just a bad message.
+            raise RejectedPayload(classify_wire_error(payload),
+                                  f"{node}/{modality}: {type(exc).__name__}: {exc}") from exc
+        return self.check_chunk(chunk)
+
+
+class Counters:
+    """Thread-safe counters: plain names plus ``malformed`` by reason."""
+
+    def __init__(self, names: Iterable[str]):
+        self._lock = threading.Lock()
+        self._plain = {name: 0 for name in names}
+        self._malformed: dict[str, int] = {}
+
+    def add(self, name: str, n: int = 1) -> int:
+        """Count; returns the value before adding."""
+        with self._lock:
+            before = self._plain.get(name, 0)
+            self._plain[name] = before + n
+        return before
+
+    def malformed(self, reason: str, n: int = 1) -> bool:
+        """Count; True the first time this reason is seen (log that one loudly)."""
+        with self._lock:
+            seen = self._malformed.get(reason, 0)
+            self._malformed[reason] = seen + n
+        return seen == 0
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            out: dict = dict(self._plain)
+            out["malformed"] = dict(self._malformed)
+        out["malformed_total"] = sum(out["malformed"].values())
+        return out
+
+
+class Source(ABC):
+    """open() / read(timeout_s) / close(), a context manager, stats() and connected.
+
+    Subclasses run a transport thread that calls ``_offer(chunk)``, and count
+    with ``self._counters``. read() never raises on bad data; it raises
+    TransportError only when called on a source that was never opened.
+    """
+
+    COUNTERS = ("received", "decoded", "delivered", "oversized", "ignored",
+                "dropped_queue_full", "connects", "reconnects", "disconnects")
+
+    def __init__(self, queue_max: int = DEFAULT_QUEUE_MAX):
+        if queue_max < 1:
+            raise ValueError(f"queue_max must be >= 1, found {queue_max!r}")
+        self._queue: queue.Queue[Chunk] = queue.Queue(maxsize=queue_max)
+        self._offer_lock = threading.Lock()
+        self._counters = Counters(self.COUNTERS)
+        self._opened = False
+
+    # --- interface -------------------------------------------------------
+    @abstractmethod
+    def open(self) -> None:
+        """Start the transport thread; does not wait for the peer to be there."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the transport thread; chunks already queued can still be read."""
+
+    @property
+    @abstractmethod
+    def connected(self) -> bool:
+        """True while the transport is up (broker session, open serial port)."""
+
+    def read(self, timeout_s: float) -> list[Chunk]:
+        """Chunks that arrived, oldest first; waits up to timeout_s for the first one."""
+        if not self._opened:
+            raise TransportError(f"{type(self).__name__}.read() called before open()")
+        out: list[Chunk] = []
+        try:
+            out.append(self._queue.get(timeout=max(0.0, timeout_s)) if timeout_s > 0
+                       else self._queue.get_nowait())
+            while len(out) < MAX_READ_BATCH:
+                out.append(self._queue.get_nowait())
+        except queue.Empty:
+            pass
+        if out:
+            self._counters.add("delivered", len(out))
+        return out
+
+    def stats(self) -> dict:
+        snap = self._counters.snapshot()
+        snap["queued"] = self._queue.qsize()
+        snap["connected"] = self.connected
+        return snap
+
+    def __enter__(self) -> Source:
+        self.open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- for transport threads ------------------------------------------
+    def _offer(self, chunk: Chunk) -> None:
+        """Enqueue without blocking; when full, drop the oldest chunk (counted)."""
+        with self._offer_lock:  # several producers must not interleave drop+put
+            while True:
+                try:
+                    self._queue.put_nowait(chunk)
+                    return
+                except queue.Full:
+                    try:
+                        self._queue.get_nowait()
+                        self._counters.add("dropped_queue_full")
+                    except queue.Empty:
+                        pass
+
+    def _reject(self, exc: RejectedPayload) -> None:
+        """Count a refused message; warn on the first of each reason, then debug only."""
+        if exc.reason == "oversized":
+            first = self._counters.add("oversized") == 0
+        else:
+            first = self._counters.malformed(exc.reason)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "skipped message (%s): %s; further ones are counted in stats()",
+                exc.reason, exc)

@@ -1,0 +1,210 @@
+"""Chunks from an MQTT broker: one message = one chunk of one (node, modality).
+
+The topic says who and what: the pattern ``edgefuse/{node}/{modality}``
+(configurable; ``{node}`` and ``{modality}`` are whole topic levels, ``+``
+matches any level) is subscribed as ``edgefuse/+/+``. The payload is a
+runtime.wire chunk, binary when it starts with the magic ``EFCK``, JSON
+otherwise.
+
+paho runs on_message on its network thread, so the callback does only the
+cheap things, in this order: size check (before any parsing), modality
+check, decode, channel check, bounded enqueue. Messages on the decisions
+topic (modality ``decisions``, published by our own decision sink) are
+ignored and counted in ``ignored``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+
+import paho.mqtt.client as mqtt
+
+from edgefuse.runtime import mqtt_client, wire
+from edgefuse.runtime.errors import ConfigError
+from edgefuse.sensors.base import (
+    BAD_TOPIC, DEFAULT_QUEUE_MAX, ChunkValidator, RejectedPayload, Source,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PATTERN = "edgefuse/{node}/{modality}"
+RESERVED_MODALITIES = frozenset({"decisions"})
+
+
+class TopicPattern:
+    """``a/{node}/{modality}`` <-> subscription filter ``a/+/+`` and a parser."""
+
+    def __init__(self, pattern: str):
+        levels = pattern.split("/")
+        if levels.count("{node}") != 1 or levels.count("{modality}") != 1:
+            raise ConfigError(f"topic pattern must hold {{node}} and {{modality}} once each, as "
+                              f"whole levels (e.g. {DEFAULT_PATTERN!r}); found {pattern!r}")
+        regex, filt = [], []
+        for level in levels:
+            if level in ("{node}", "{modality}"):
+                regex.append(f"(?P<{level[1:-1]}>[^/]+)")
+                filt.append("+")
+            elif level == "+":
+                regex.append("[^/]+")
+                filt.append("+")
+            elif not level or any(c in level for c in "#+{}"):
+                raise ConfigError(f"topic pattern level {level!r} in {pattern!r} must be a "
+                                  "literal, '+', '{node}' or '{modality}' ('#' is not supported)")
+            else:
+                regex.append(re.escape(level))
+                filt.append(level)
+        self.pattern = pattern
+        self.filter = "/".join(filt)
+        self._regex = re.compile("/".join(regex) + r"\Z")
+
+    def parse(self, topic: str) -> tuple[str, str]:
+        match = self._regex.match(topic)
+        if match is None:
+            raise RejectedPayload(BAD_TOPIC, f"topic {topic!r} does not match {self.pattern!r}")
+        return match["node"], match["modality"]
+
+    def topic(self, node: str, modality: str) -> str:
+        """The topic a sender of (node, modality) publishes to."""
+        if "+" in self.pattern.split("/"):
+            raise ConfigError(f"pattern {self.pattern!r} has '+' levels; cannot build a topic")
+        return self.pattern.format(node=node, modality=modality)
+
+
+@dataclass(frozen=True)
+class MqttSourceSettings:
+    mqtt: mqtt_client.MqttSettings = field(default_factory=mqtt_client.MqttSettings)
+    topic_pattern: str = DEFAULT_PATTERN
+    qos: int = 0          # sensor data: a late retransmission is worth little; 1 is allowed
+    max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD
+    allowed_modalities: tuple[str, ...] | None = None
+    channels: Mapping[str, int] | None = None
+    queue_max: int = DEFAULT_QUEUE_MAX
+
+    def __post_init__(self) -> None:
+        if self.qos not in (0, 1):
+            raise ConfigError(f"mqtt source qos must be 0 or 1, found {self.qos!r}")
+        if not 64 <= self.max_payload_bytes <= 64 << 20:
+            raise ConfigError("max_payload_bytes must be 64 B..64 MiB, found "
+                              f"{self.max_payload_bytes!r}")
+        TopicPattern(self.topic_pattern)  # validate early
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MqttSourceSettings:
+        """From a config table; an ``mqtt`` sub-table holds the connection settings."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown mqtt source setting(s) {unknown}; allowed: {sorted(known)}")
+        values = dict(values)
+        values["mqtt"] = mqtt_client.MqttSettings.from_dict(values.get("mqtt", {}))
+        if values.get("allowed_modalities") is not None:
+            values["allowed_modalities"] = tuple(values["allowed_modalities"])
+        return cls(**values)
+
+
+class MqttSource(Source):
+    """Subscribes to the chunk topics; see the module docstring."""
+
+    COUNTERS = Source.COUNTERS + ("subscribed", "connect_failures")
+
+    def __init__(self, settings: MqttSourceSettings | None = None, *,
+                 allowed_modalities: Iterable[str] | None = None,
+                 channels: Mapping[str, int] | None = None):
+        self.settings = settings or MqttSourceSettings()
+        super().__init__(self.settings.queue_max)
+        self.topics = TopicPattern(self.settings.topic_pattern)
+        self.validator = ChunkValidator(
+            allowed_modalities if allowed_modalities is not None else self.settings.allowed_modalities,
+            channels if channels is not None else self.settings.channels)
+        self._client: mqtt.Client | None = None
+        self._connected = threading.Event()
+        self._subscribed = threading.Event()
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def open(self) -> None:
+        if self._client is not None:
+            return
+        client = mqtt_client.make_client(self.settings.mqtt, "source")
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        self._opened = True
+        mqtt_client.start(client, self.settings.mqtt)
+        log.info("MQTT source connecting to %s:%d, topic filter %r", self.settings.mqtt.host,
+                 self.settings.mqtt.port, self.topics.filter)
+
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """True once the broker acknowledged the current session's subscription."""
+        return self._subscribed.wait(timeout_s)
+
+    def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self._closing = True  # our own disconnect is not a lost connection
+            mqtt_client.stop(client)
+            self._closing = False
+        self._connected.clear()
+        self._subscribed.clear()
+
+    # --- paho callbacks (network thread: keep them short) ----------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self._counters.add("connect_failures")
+            log.warning("MQTT broker refused the connection: %s", reason_code)
+            return
+        if self._counters.add("connects") > 0:
+            self._counters.add("reconnects")
+        self._connected.set()
+        # Clean start: the broker forgot our subscription, so subscribe on every connect.
+        client.subscribe(self.topics.filter, qos=self.settings.qos)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self._counters.add("connect_failures")
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("MQTT broker refused the subscription to %r: %s; check the broker ACL",
+                      self.topics.filter, reason_codes)
+            return
+        self._counters.add("subscribed")
+        self._subscribed.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self._connected.is_set() and not self._closing:
+            self._counters.add("disconnects")
+            log.warning("MQTT connection lost (%s); reconnecting", reason_code)
+        self._connected.clear()
+        self._subscribed.clear()
+
+    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
+        self._counters.add("received")
+        payload = message.payload
+        try:
+            node, modality = self.topics.parse(message.topic)
+            if modality in RESERVED_MODALITIES:
+                self._counters.add("ignored")
+                return
+            chunk = self.validator.decode(payload, node, modality,
+                                          self.settings.max_payload_bytes)
+        except RejectedPayload as exc:
+            self._reject(exc)
+            return
+        except UnicodeDecodeError:  # topic that is not UTF-8
+            self._reject(RejectedPayload(BAD_TOPIC, "topic is not valid UTF-8"))
+            return
+        except Exception:  # noqa: BLE001 - an escaping exception would stop paho's thread
+            self._counters.malformed("internal_error")
+            log.exception("unexpected error decoding a message on %r; skipped", message.topic)
+            return
+        self._counters.add("decoded")
+        self._offer(chunk)

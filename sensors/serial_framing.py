@@ -1,0 +1,352 @@
+"""Pure parsers of the three serial protocols: ``feed(bytes) -> list[Chunk]``.
+
+No port, no thread, no clock: bytes in, chunks out, everything else counted
+in ``errors`` (reason -> count, reasons from edgefuse.sensors.base) and
+``skipped_bytes``. They never raise on bad input; every buffer is bounded.
+
+(a) JSON lines: one object per line, ``{"node": .., "modality": .., <the JSON
+    chunk fields of runtime.wire>}``, UTF-8, ``\\n`` (or ``\\r\\n``) ended.
+(b) CSV lines: ``modality,t_ns,v1,v2,...``, one sample per line, node from
+    config; consecutive samples are grouped into chunks (see CsvLineParser).
+(c) Binary frames (little-endian), resynchronisable after garbage:
+
+    offset       size  field
+    0            4     sync  A5 5A 45 46  (b"\\xa5\\x5aEF")
+    4            4     body_len: uint32 = len(node) + len(modality) + len(payload)
+    8            1     node_len (1..64)
+    9            1     modality_len (1..64)
+    10           4     header_crc: zlib.crc32 of bytes 4..9
+    14           n     node, UTF-8
+    14+n         m     modality, UTF-8
+    14+n+m       p     payload: a runtime.wire chunk (binary ``EFCK...``; JSON accepted)
+    14+body_len  4     body_crc: zlib.crc32 of bytes 14 .. 14+body_len-1
+
+    The header CRC rejects a false sync after 14 bytes, so garbage never makes
+    the reader wait for a bogus length. On any bad frame the reader skips ONE
+    byte past the sync and scans for the next sync, so a good frame right
+    after a corrupt one is still found.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from edgefuse.runtime import wire
+from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.errors import InputError, WireFormatError
+from edgefuse.sensors.base import (
+    BAD_CRC, BAD_CSV, BAD_FIELDS, BAD_FRAME, BAD_JSON, TRUNCATED, ChunkValidator, RejectedPayload,
+)
+
+SYNC = b"\xa5\x5aEF"
+FRAME_HEAD = struct.Struct("<4sIBBI")   # sync, body_len, node_len, modality_len, header_crc
+FRAME_HEAD_SIZE = FRAME_HEAD.size       # 14
+CRC = struct.Struct("<I")
+MAX_NAME = 64
+DEFAULT_MAX_LINE = 256 * 1024
+DEFAULT_MAX_FRAME = wire.DEFAULT_MAX_PAYLOAD + 2 * MAX_NAME + FRAME_HEAD_SIZE + CRC.size
+
+
+def encode_frame(node: str, modality: str, payload: bytes) -> bytes:
+    """One binary frame around an already-encoded runtime.wire payload."""
+    n, m = node.encode(), modality.encode()
+    if not (1 <= len(n) <= MAX_NAME and 1 <= len(m) <= MAX_NAME):
+        raise WireFormatError(f"node and modality must be 1..{MAX_NAME} UTF-8 bytes, "
+                              f"found {len(n)} and {len(m)}")
+    lengths = struct.pack("<IBB", len(n) + len(m) + len(payload), len(n), len(m))
+    body = n + m + payload
+    return (SYNC + lengths + CRC.pack(zlib.crc32(lengths)) + body + CRC.pack(zlib.crc32(body)))
+
+
+def encode_chunk_frame(chunk: Chunk, dtype: str = "<f4") -> bytes:
+    return encode_frame(chunk.node, chunk.modality, wire.encode_binary(chunk, dtype))
+
+
+def encode_json_line(chunk: Chunk) -> bytes:
+    obj = json.loads(wire.encode_json(chunk))
+    return json.dumps({"node": chunk.node, "modality": chunk.modality, **obj},
+                      separators=(",", ":")).encode() + b"\n"
+
+
+def encode_csv_lines(chunk: Chunk) -> bytes:
+    """One ``modality,t_ns,v...`` line per sample; needs the chunk's rate for t_ns."""
+    if chunk.rate_hz is None:
+        raise WireFormatError("CSV lines carry one time per sample; the chunk needs a rate")
+    period = 1e9 / chunk.rate_hz
+    return b"".join(
+        (f"{chunk.modality},{chunk.t0_ns + int(round(i * period))},"
+         + ",".join(repr(float(v)) for v in row) + "\n").encode()
+        for i, row in enumerate(chunk.samples))
+
+
+class _Parser:
+    """Counting and bounded line splitting shared by the parsers."""
+
+    def __init__(self, max_bytes: int, validator: ChunkValidator | None):
+        if max_bytes < 64:
+            raise ValueError(f"max line/frame length must be >= 64 bytes, found {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self.validator = validator or ChunkValidator()
+        self.errors: dict[str, int] = {}
+        self.skipped_bytes = 0
+        self._buf = bytearray()
+        self._discarding = False  # inside an over-long line: drop up to the next newline
+
+    def _error(self, reason: str) -> None:
+        self.errors[reason] = self.errors.get(reason, 0) + 1
+
+    def _lines(self, data: bytes) -> list[bytes]:
+        self._buf += data
+        lines = []
+        start = 0
+        while True:
+            end = self._buf.find(b"\n", start)
+            if end < 0:
+                break
+            line = bytes(self._buf[start:end])
+            start = end + 1
+            if self._discarding:
+                self._discarding = False
+                self.skipped_bytes += len(line) + 1
+                continue
+            if len(line) > self.max_bytes:
+                self._error("oversized")
+                self.skipped_bytes += len(line) + 1
+                continue
+            lines.append(line.rstrip(b"\r"))
+        del self._buf[:start]
+        if len(self._buf) > self.max_bytes:  # bound the buffer: the line is too long already
+            if not self._discarding:
+                self._error("oversized")
+            self._discarding = True
+            self.skipped_bytes += len(self._buf)
+            self._buf.clear()
+        return lines
+
+    def reset(self) -> list[Chunk]:
+        """Forget a partial line/frame (port reopened); returns chunks still pending."""
+        if self._buf and not self._discarding:
+            self._error(TRUNCATED)
+        self.skipped_bytes += len(self._buf)
+        self._buf.clear()
+        self._discarding = False
+        return []
+
+
+class JsonLineParser(_Parser):
+    def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE,
+                 validator: ChunkValidator | None = None):
+        super().__init__(max_line_bytes, validator)
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        out = []
+        for line in self._lines(data):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):  # bad JSON, bad UTF-8, huge ints, deep nesting
+                self._error(BAD_JSON)
+                continue
+            try:
+                node, modality = obj["node"], obj["modality"]
+                if not (isinstance(node, str) and isinstance(modality, str) and node and modality):
+                    raise WireFormatError("'node' and 'modality' must be non-empty strings")
+                self.validator.check_modality(modality)
+                out.append(self.validator.check_chunk(wire.chunk_from_json_obj(obj, node, modality)))
+            except RejectedPayload as exc:
+                self._error(exc.reason)
+            except (WireFormatError, KeyError, TypeError, ValueError, OverflowError):
+                self._error(BAD_FIELDS)
+        return out
+
+
+class CsvLineParser(_Parser):
+    """``modality,t_ns,v1,...`` lines grouped into chunks of one modality.
+
+    A chunk is emitted when it holds ``group_samples`` samples, or before a
+    sample that changes the modality or channel count, goes back in time, or
+    comes more than ``max_gap_ns`` after the previous one (default: 1.5
+    periods when the modality's rate is configured, else 200 ms), and on
+    ``flush()``. rate_hz is the configured rate of the modality, else None
+    (the aligner estimates it). ``flushes`` counts why chunks were emitted.
+    """
+
+    DEFAULT_GAP_NS = 200_000_000
+
+    def __init__(self, node: str, *, group_samples: int = 64, max_gap_ns: int | None = None,
+                 rate_hz: Mapping[str, float] | None = None,
+                 max_line_bytes: int = 4096, validator: ChunkValidator | None = None):
+        super().__init__(max_line_bytes, validator)
+        if not node:
+            raise ValueError("CSV lines carry no node; give the node name")
+        if not 1 <= group_samples <= 1 << 16:
+            raise ValueError(f"group_samples must be 1..65536, found {group_samples!r}")
+        self.node = node
+        self.group_samples = group_samples
+        self.max_gap_ns = max_gap_ns
+        self.rate_hz = dict(rate_hz or {})
+        self.flushes = {"size": 0, "modality": 0, "gap": 0, "backwards": 0, "channels": 0,
+                        "explicit": 0}
+        self._seq: dict[str, int] = {}
+        self._modality: str | None = None
+        self._times: list[int] = []
+        self._rows: list[list[float]] = []
+
+    def _gap_ns(self, modality: str) -> int:
+        if self.max_gap_ns is not None:
+            return self.max_gap_ns
+        rate = self.rate_hz.get(modality)
+        return int(1.5e9 / rate) if rate else self.DEFAULT_GAP_NS
+
+    def _emit(self, why: str) -> list[Chunk]:
+        if not self._rows:
+            return []
+        modality, rows, t0 = self._modality, self._rows, self._times[0]
+        self._rows, self._times = [], []
+        self.flushes[why] += 1
+        seq = self._seq.get(modality, 0)
+        self._seq[modality] = seq + 1
+        try:
+            chunk = Chunk(self.node, modality, t0, self.rate_hz.get(modality),
+                          np.asarray(rows, dtype=np.float32), seq)
+            return [self.validator.check_chunk(chunk)]
+        except RejectedPayload as exc:
+            self._error(exc.reason)
+        except InputError:
+            self._error(BAD_CSV)
+        return []
+
+    def _sample(self, line: bytes) -> tuple[str, int, list[float]] | None:
+        try:
+            fields_ = line.decode("ascii").split(",")
+            modality = fields_[0].strip()
+            t_ns = int(fields_[1])
+            values = [float(v) for v in fields_[2:]]
+        except (UnicodeDecodeError, ValueError, IndexError):
+            return None
+        if (not modality or not values or len(values) > wire.MAX_CHANNELS
+                or not -(1 << 63) <= t_ns < (1 << 63)):
+            return None
+        return modality, t_ns, values
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        out: list[Chunk] = []
+        for line in self._lines(data):
+            if not line.strip() or line.startswith(b"#"):
+                continue
+            sample = self._sample(line)
+            if sample is None:
+                self._error(BAD_CSV)
+                continue
+            modality, t_ns, values = sample
+            try:
+                self.validator.check_modality(modality)
+            except RejectedPayload as exc:
+                self._error(exc.reason)
+                continue
+            if self._rows:
+                last = self._times[-1]
+                why = ("modality" if modality != self._modality
+                       else "channels" if len(values) != len(self._rows[0])
+                       else "backwards" if t_ns <= last
+                       else "gap" if t_ns - last > self._gap_ns(modality) else None)
+                if why:
+                    out += self._emit(why)
+            self._modality = modality
+            self._times.append(t_ns)
+            self._rows.append(values)
+            if len(self._rows) >= self.group_samples:
+                out += self._emit("size")
+        return out
+
+    def flush(self) -> list[Chunk]:
+        """Emit the samples held back (call when the line goes idle)."""
+        return self._emit("explicit")
+
+    def reset(self) -> list[Chunk]:
+        super().reset()
+        return self.flush()
+
+
+class BinaryFrameParser(_Parser):
+    """Frames of the layout in the module docstring; resyncs on the sync bytes."""
+
+    def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME,
+                 validator: ChunkValidator | None = None):
+        super().__init__(max_frame_bytes, validator)
+
+    def reset(self) -> list[Chunk]:
+        if self._buf.startswith(SYNC):
+            self._error(TRUNCATED)
+        self.skipped_bytes += len(self._buf)
+        self._buf.clear()
+        return []
+
+    def _skip(self, n: int) -> None:
+        self.skipped_bytes += n
+        del self._buf[:n]
+
+    def feed(self, data: bytes) -> list[Chunk]:
+        self._buf += data
+        out = []
+        while True:
+            start = self._buf.find(SYNC)
+            if start < 0:
+                # keep a tail that may be the start of a sync split across reads
+                keep = len(SYNC) - 1
+                if len(self._buf) > keep:
+                    self._skip(len(self._buf) - keep)
+                return out
+            if start:
+                self._skip(start)
+            if len(self._buf) < FRAME_HEAD_SIZE:
+                return out
+            _, body_len, n, m, head_crc = FRAME_HEAD.unpack_from(self._buf)
+            if (head_crc != zlib.crc32(self._buf[4:10]) or not 1 <= n <= MAX_NAME
+                    or not 1 <= m <= MAX_NAME or body_len <= n + m
+                    or FRAME_HEAD_SIZE + body_len + CRC.size > self.max_bytes):
+                self._error(BAD_FRAME)
+                self._skip(1)
+                continue
+            total = FRAME_HEAD_SIZE + body_len + CRC.size
+            if len(self._buf) < total:
+                return out
+            body = bytes(self._buf[FRAME_HEAD_SIZE:FRAME_HEAD_SIZE + body_len])
+            (body_crc,) = CRC.unpack_from(self._buf, FRAME_HEAD_SIZE + body_len)
+            if body_crc != zlib.crc32(body):
+                self._error(BAD_CRC)
+                self._skip(1)  # the length may lie too: rescan from the next byte
+                continue
+            del self._buf[:total]
+            chunk = self._decode(body, n, m)
+            if chunk is not None:
+                out.append(chunk)
+
+    def _decode(self, body: bytes, n: int, m: int) -> Chunk | None:
+        try:
+            node, modality = body[:n].decode(), body[n:n + m].decode()
+        except UnicodeDecodeError:
+            self._error(BAD_FRAME)
+            return None
+        try:
+            # the frame bound is the payload bound: the frame was already accepted by length
+            return self.validator.decode(body[n + m:], node, modality, self.max_bytes)
+        except RejectedPayload as exc:
+            self._error(exc.reason)
+            return None
+
+
+def make_parser(protocol: str, **kwargs) -> JsonLineParser | CsvLineParser | BinaryFrameParser:
+    parsers = {"json": JsonLineParser, "csv": CsvLineParser, "binary": BinaryFrameParser}
+    if protocol not in parsers:
+        raise ValueError(f"serial protocol must be one of {sorted(parsers)}, found {protocol!r}")
+    return parsers[protocol](**kwargs)
+
+
+__all__ = ["SYNC", "BinaryFrameParser", "CsvLineParser", "JsonLineParser", "encode_chunk_frame",
+           "encode_csv_lines", "encode_frame", "encode_json_line", "make_parser"]

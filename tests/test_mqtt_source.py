@@ -1,0 +1,313 @@
+"""MqttSource against a real Mosquitto: payload formats, bad messages, reconnects, auth, TLS."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from edgefuse.runtime import wire
+from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.credentials import read_secret
+from edgefuse.runtime.errors import ConfigError, TransportError
+from edgefuse.runtime.mqtt_client import MqttSettings
+from edgefuse.sensors.base import BAD_TOPIC, RejectedPayload
+from edgefuse.sensors.mqtt_source import MqttSource, MqttSourceSettings, TopicPattern
+
+from tests.conftest import Mosquitto, publish, wait_until
+
+
+def make_chunk(node="n1", modality="acoustic", seq=0, n=32, channels=1, rate=800.0,
+               full_scale=None, integers=False):
+    rng = np.random.default_rng(seq)
+    x = rng.normal(0, 1000, (n, channels))
+    if integers:
+        x = np.round(x)
+    return Chunk(node, modality, 1_700_000_000_000_000_000 + seq * 10**9, rate,
+                 x.astype(np.float32), seq, full_scale=full_scale)
+
+
+def assert_same_chunk(got: Chunk, want: Chunk) -> None:
+    assert (got.node, got.modality, got.t0_ns, got.rate_hz, got.seq, got.full_scale) == \
+        (want.node, want.modality, want.t0_ns, want.rate_hz, want.seq, want.full_scale)
+    np.testing.assert_array_equal(got.samples, want.samples)
+
+
+def source_for(broker: Mosquitto, **kwargs) -> MqttSource:
+    mqtt = MqttSettings(host=broker.host, port=broker.port, reconnect_min_s=0.1,
+                        reconnect_max_s=1.0, **kwargs.pop("mqtt", {}))
+    return MqttSource(MqttSourceSettings(mqtt=mqtt, **kwargs))
+
+
+def read_n(source: MqttSource, n: int, timeout_s: float = 5.0) -> list[Chunk]:
+    got: list[Chunk] = []
+    deadline = time.monotonic() + timeout_s
+    while len(got) < n and time.monotonic() < deadline:
+        got += source.read(0.1)
+    assert len(got) == n, f"expected {n} chunks, read {len(got)}; stats {source.stats()}"
+    return got
+
+
+def topic(node, modality):
+    return f"edgefuse/{node}/{modality}"
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_json_and_binary_payloads_arrive_as_equal_chunks(broker, protocol):
+    sent = [make_chunk(seq=0), make_chunk(seq=1, integers=True, full_scale=32767.0),
+            make_chunk(modality="seismic", seq=2, channels=3, rate=None),
+            make_chunk(node="n2", seq=3, integers=True)]
+    payloads = [wire.encode_json(sent[0]), wire.encode_binary(sent[1], "<i2"),
+                wire.encode_binary(sent[2], "<f4"), wire.encode_json(sent[3])]
+    with source_for(broker, mqtt={"protocol": protocol}) as source:
+        assert source.wait_subscribed(5)
+        publish(broker, [(topic(c.node, c.modality), p) for c, p in zip(sent, payloads)])
+        got = read_n(source, len(sent))
+        stats = source.stats()
+    for g, w in zip(got, sent):
+        assert_same_chunk(g, w)
+    assert stats["decoded"] == len(sent) and stats["malformed_total"] == 0
+    assert source.stats()["disconnects"] == 0  # our own close is not a lost connection
+
+
+def test_malformed_payloads_are_counted_by_reason_and_skipped(broker):
+    good = [make_chunk(seq=i, integers=True) for i in range(4)]
+    truncated = wire.encode_binary(make_chunk(seq=90), "<f4")[:-3]
+    bad_dtype = bytearray(wire.encode_binary(make_chunk(seq=91), "<f4"))
+    bad_dtype[5] = 9
+    nan_json = json.dumps({"t0_ns": 5, "rate_hz": 800.0, "seq": 7,
+                           "values": [float("nan"), float("inf"), 1.0]}).encode()
+    nan_chunk = Chunk("n1", "acoustic", 6, 800.0, np.array([[np.nan], [-np.inf]], np.float32), 8)
+    items = [
+        (topic("n1", "acoustic"), wire.encode_json(good[0])),
+        (topic("n1", "acoustic"), b"{not json"),                                 # bad_json
+        (topic("n1", "acoustic"), bytes(bad_dtype)),                             # bad_dtype
+        (topic("n1", "acoustic"), truncated),                                    # truncated
+        (topic("n1", "acoustic"), wire.MAGIC + b"\x01\x02"),                     # truncated
+        (topic("n1", "acoustic"), b"x" * 70_000),                                # oversized
+        (topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=92, channels=2))),  # channels
+        (topic("n1", "thermal"), wire.encode_json(make_chunk(seq=93))),          # modality
+        (topic("n1", "acoustic"), b'{"t0_ns": 1, "seq": 1}'),                    # bad_fields
+        (topic("n1", "acoustic"), b"[" * 50_000 + b"]" * 50_000 + b""),          # oversized
+        (topic("n1", "acoustic"), b"[" * 20_000),                                # bad_json (deep)
+        (topic("n1", "acoustic"), b'{"t0_ns":1,"seq":1,"values":[1' + b"0" * 400 + b"]}"),
+        (topic("n1", "decisions"), b'{"node":"n1"}'),                            # ignored
+        (topic("n1", "acoustic"), nan_json),                                     # decodes
+        (topic("n1", "acoustic"), wire.encode_binary(nan_chunk, "<f4")),         # decodes
+        *[(topic("n1", "acoustic"), wire.encode_binary(c, "<i2")) for c in good[1:]],
+    ]
+    with source_for(broker, allowed_modalities=("acoustic", "seismic"),
+                    channels={"acoustic": 1}, max_payload_bytes=64_000) as source:
+        assert source.wait_subscribed(5)
+        publish(broker, items)
+        wait_until(lambda: source.stats()["received"] == len(items), 5, "all messages")
+        got = read_n(source, 6)
+        stats = source.stats()
+    assert stats["malformed"] == {"bad_json": 2, "bad_dtype": 1, "truncated": 2,
+                                  "wrong_channels": 1, "unknown_modality": 1, "bad_fields": 2}
+    assert stats["oversized"] == 2 and stats["ignored"] == 1
+    assert stats["decoded"] == 6 and stats["dropped_queue_full"] == 0
+    assert [c.seq for c in got] == [0, 7, 8, 1, 2, 3]
+    assert np.isnan(got[1].samples[0, 0]) and np.isinf(got[1].samples[1, 0])
+    assert np.isnan(got[2].samples[0, 0]) and got[2].samples[1, 0] == -np.inf
+    for g, w in zip([got[0], *got[3:]], good):
+        assert_same_chunk(g, w)
+
+
+def test_full_queue_drops_the_oldest_and_counts(broker):
+    sent = [make_chunk(seq=i) for i in range(7)]
+    with source_for(broker, queue_max=3) as source:
+        assert source.wait_subscribed(5)
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
+        wait_until(lambda: source.stats()["decoded"] == 7, 5, "7 decoded chunks")
+        got = source.read(0.5)
+        stats = source.stats()
+    assert [c.seq for c in got] == [4, 5, 6]
+    assert stats["dropped_queue_full"] == 4 and stats["delivered"] == 3
+
+
+@pytest.mark.slow
+def test_reconnects_and_resubscribes_after_broker_restart(broker):
+    with source_for(broker) as source:
+        assert source.wait_subscribed(5)
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=0)))])
+        assert [c.seq for c in read_n(source, 1)] == [0]
+        broker.stop()
+        wait_until(lambda: not source.connected, 5, "the source to notice the broker is gone")
+        time.sleep(2.0)  # broker down for a while: several reconnect attempts fail
+        broker.start()
+        wait_until(lambda: source.stats()["subscribed"] >= 2, 10, "re-subscription")
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=c)))
+                         for c in (1, 2)])
+        assert [c.seq for c in read_n(source, 2)] == [1, 2]
+        stats = source.stats()
+    assert stats["reconnects"] >= 1 and stats["disconnects"] >= 1
+    assert stats["connect_failures"] >= 1
+
+
+def test_read_before_open_raises():
+    source = MqttSource()
+    with pytest.raises(TransportError, match="before open"):
+        source.read(0)
+
+
+def test_topic_pattern():
+    p = TopicPattern("site/+/{modality}/dev/{node}")
+    assert p.filter == "site/+/+/dev/+"
+    assert p.parse("site/a/imu/dev/watch1") == ("watch1", "imu")
+    with pytest.raises(RejectedPayload) as info:
+        p.parse("site/a/imu/dev/watch1/extra")
+    assert info.value.reason == BAD_TOPIC
+    for bad in ("edgefuse/{node}", "edgefuse/#/{node}/{modality}", "a/{node}x/{modality}",
+                "a//{node}/{modality}"):
+        with pytest.raises(ConfigError):
+            TopicPattern(bad)
+    assert TopicPattern("edgefuse/{node}/{modality}").topic("n", "m") == "edgefuse/n/m"
+
+
+def test_settings_refuse_unknown_keys():
+    with pytest.raises(ConfigError, match="unknown mqtt setting"):
+        MqttSourceSettings.from_dict({"mqtt": {"hots": "x"}})
+    with pytest.raises(ConfigError, match="protocol"):
+        MqttSettings(protocol="3")
+    s = MqttSourceSettings.from_dict({"mqtt": {"port": 1884}, "allowed_modalities": ["imu"]})
+    assert s.mqtt.port == 1884 and s.allowed_modalities == ("imu",)
+
+
+# --- credentials, auth, TLS ----------------------------------------------------
+def test_read_secret_from_file_and_systemd_credential(tmp_path, monkeypatch):
+    (tmp_path / "pw").write_text("s3cret\n")
+    assert read_secret(str(tmp_path / "pw")) == "s3cret"
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert read_secret("credential:pw") == "s3cret"
+    for bad in ("credential:missing", "credential:../pw", str(tmp_path / "nope")):
+        with pytest.raises(ConfigError):
+            read_secret(bad)
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY")
+    with pytest.raises(ConfigError, match="CREDENTIALS_DIRECTORY"):
+        read_secret("credential:pw")
+
+
+def test_password_from_systemd_credential(tmp_path, monkeypatch):
+    pwfile = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "edge", "pa55word"],
+                   check=True, capture_output=True)
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text("pa55word\n")
+    (creds / "wrong").write_text("nope\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    b = Mosquitto(tmp_path / "auth", listener_conf=("allow_anonymous false",
+                                                    f"password_file {pwfile}"))
+    b.start()
+    try:
+        with source_for(b, mqtt={"username": "edge", "password_secret": "credential:wrong"}) as bad:
+            wait_until(lambda: bad.stats()["connect_failures"] >= 1, 5, "a refused connect")
+            assert not bad.connected
+        with source_for(b, mqtt={"username": "edge",
+                                 "password_secret": "credential:mqtt-password"}) as good:
+            assert good.wait_subscribed(5)
+            want = make_chunk(seq=5)
+            client_items = [(topic("n1", "acoustic"), wire.encode_json(want))]
+            _publish_auth(b, client_items, "edge", "pa55word")
+            assert_same_chunk(read_n(good, 1)[0], want)
+    finally:
+        b.stop(kill=True)
+
+
+def _publish_auth(broker, items, user, password):
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    c.username_pw_set(user, password)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        for t, p in items:
+            c.publish(t, p, qos=1).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+def _make_pki(d):
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=edgefuse-test-ca")
+    for name, extra in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "")):
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+        ext = d / f"{name}.ext"
+        ext.write_text(extra + "\n" if extra else "basicConstraints=CA:FALSE\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", str(ext))
+
+
+def test_mutual_tls(tmp_path):
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _make_pki(pki)
+    b = Mosquitto(tmp_path / "tls", listener_conf=(
+        "allow_anonymous true", f"cafile {pki / 'ca.crt'}", f"certfile {pki / 'server.crt'}",
+        f"keyfile {pki / 'server.key'}", "require_certificate true"))
+    b.start()
+    try:
+        tls = {"tls_ca_file": str(pki / "ca.crt"), "tls_cert_file": str(pki / "client.crt"),
+               "tls_key_file": str(pki / "client.key")}
+        with source_for(b, mqtt=tls) as source:
+            assert source.wait_subscribed(5), source.stats()
+            want = make_chunk(seq=9)
+            _publish_tls(b, pki, [(topic("n1", "acoustic"), wire.encode_binary(want))])
+            assert_same_chunk(read_n(source, 1)[0], want)
+    finally:
+        b.stop(kill=True)
+
+
+def _publish_tls(broker, pki, items):
+    import ssl
+
+    import paho.mqtt.client as mqtt
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
+    c.tls_set_context(ctx)
+    c.connect(broker.host, broker.port)
+    c.loop_start()
+    try:
+        for t, p in items:
+            c.publish(t, p, qos=1).wait_for_publish(5)
+    finally:
+        c.disconnect()
+        c.loop_stop()
+
+
+# --- the Source contract, for every live source -----------------------------------
+def _mqtt_source(request):
+    return source_for(request.getfixturevalue("broker"))
+
+
+def _serial_source(request):
+    from edgefuse.sensors.serial_source import SerialSettings, SerialSource
+    return SerialSource(SerialSettings(device=request.getfixturevalue("pty_pair").path))
+
+
+@pytest.mark.parametrize("make", [_mqtt_source, _serial_source], ids=["mqtt", "serial"])
+def test_source_contract(request, make):
+    source = make(request)
+    with pytest.raises(TransportError):
+        source.read(0)
+    assert not source.connected
+    with source as opened:
+        assert opened is source
+        wait_until(lambda: source.connected, 5, "connected")
+        assert source.read(0) == [] and source.read(0.05) == []
+        stats = source.stats()
+        for key in ("received", "decoded", "delivered", "oversized", "dropped_queue_full",
+                    "reconnects", "disconnects", "malformed", "malformed_total", "queued"):
+            assert key in stats, key
+        assert stats["connected"] is True and stats["malformed"] == {}
+    assert not source.connected
+    source.close()  # closing twice is harmless
+    assert source.read(0) == []  # what was queued stays readable after close
