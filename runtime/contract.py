@@ -31,6 +31,7 @@ runtime reads metadata through onnxruntime).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 
 from edgefuse.runtime.errors import ModelContractError
@@ -168,7 +169,9 @@ class ModelContract:
         c.require(output_kind in OUTPUT_KINDS, f"'output_kind' must be one of {OUTPUT_KINDS}",
                   output_kind)
         fallbacks = []
-        for i, f in enumerate(doc.get("fallbacks") or []):
+        fb_raw = doc.get("fallbacks") or []
+        c.require(isinstance(fb_raw, list), "'fallbacks' must be a list", fb_raw)
+        for i, f in enumerate(fb_raw):
             c.require(isinstance(f, dict), f"fallbacks[{i}] must be an object", f)
             subset = f.get("modalities")
             c.require(isinstance(subset, list) and subset and all(s in names for s in subset)
@@ -201,12 +204,17 @@ class _Checker:
 
     def positive_int(self, d: dict, key: str) -> int:
         v = d.get(key)
-        self.require(isinstance(v, int) and not isinstance(v, bool) and v > 0,
-                     f"{key!r} must be a positive integer", v)
+        self.require(isinstance(v, int) and not isinstance(v, bool) and 0 < v < (1 << 62),
+                     f"{key!r} must be a positive integer below 2**62", v)
         return v
 
     def positive_float(self, d: dict, key: str) -> float:
         v = d.get(key)
-        self.require(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
-                     f"{key!r} must be a positive number", v)
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool)
+        if ok:
+            try:
+                ok = math.isfinite(float(v)) and 0 < float(v) < 1e9
+            except OverflowError:
+                ok = False
+        self.require(ok, f"{key!r} must be a positive, finite number below 1e9", v)
         return float(v)
