@@ -99,7 +99,7 @@ def test_unusable_signals_get_their_reason():
     cases = {
         "nan": np.where(t > 0.0, np.nan, 0.0),
         "flatline": np.full(n, 5.0),
-        "stuck": np.where((t % 1.0) < 0.7, 12.0, np.sin(2 * np.pi * 7 * t)),
+        "stuck": np.where((t % 1.0) < 0.96, 12.0, np.sin(2 * np.pi * 7 * t)),
         "clipped": np.clip(40000 * np.sin(2 * np.pi * 5 * t), -32767, 32767),
     }
     for reason, signal in cases.items():
