@@ -86,6 +86,7 @@ class Aligner:
         self._win = {m.name: m.samples(contract.window_ns) for m in contract.modalities}
         self._nodes: dict[str, _Node] = {}
         self._out: list[Window] = []
+        self._stats = np.zeros(6)  # scratch for the window-stats kernel
         self.counters = {"windows": 0, "empty_windows_skipped": 0, "forced_windows": 0,
                          "unknown_modality_chunks": 0, "wrong_channel_chunks": 0}
 
@@ -172,23 +173,20 @@ class Aligner:
                 return
         hop, win_ns = self.contract.hop_ns, self.contract.window_ns
         wait = self.config.max_wait_ns
+        streams = [node.streams.get(name) for name in self._specs]
+        progress = node.progress_ns()
         while True:
             k = node.next_k
-            start, end = k * hop, k * hop + win_ns
-            progress = node.progress_ns()
-            if end > progress and (not final or start >= progress):
+            start = k * hop
+            end = start + win_ns
+            if end > progress:
                 return
-            if not final or end > progress:
+            if not final and progress < end + wait:
                 # Every modality must be written through the window or have waited enough.
-                waited = progress >= end + wait
-                for name in self._specs:
-                    s = node.streams.get(name)
-                    done = s is not None and s.written_g is not None and \
-                        s.written_g >= s.grid_index(end)
-                    if not done and not waited and not final:
+                for s in streams:
+                    if s is None or s.written_g is None or \
+                            s.written_g < round((end - s.anchor_ns) * s.fs / 1e9):
                         return
-                if final and end > progress:
-                    return
             skip_to = self._skip_silence(node, start, end)
             if skip_to is not None and skip_to > k:
                 node.next_k = skip_to
@@ -217,39 +215,40 @@ class Aligner:
         return -((-(first_data - self.contract.window_ns + 1)) // self.contract.hop_ns)
 
     def _emit(self, node: _Node, k: int) -> None:
-        cfg = self.config
         c = self.contract
-        start, end = k * c.hop_ns, k * c.hop_ns + c.window_ns
+        start = k * c.hop_ns
         data, present, reasons, coverage = {}, {}, {}, {}
-        stats = np.zeros(6)
+        stats = self._stats
         any_data = False
         for name, spec in self._specs.items():
             n = self._win[name]
-            out = np.zeros((spec.channels, n), np.float32)
-            data[name] = out
             s = node.streams.get(name)
             if s is None or s.anchor_ns is None or s.written_g is None:
+                data[name] = np.zeros((spec.channels, n), np.float32)
                 present[name], reasons[name], coverage[name] = False, REASON_NO_STREAM, 0.0
                 continue
-            g_lo = s.grid_index(start)
+            g_lo = round((start - s.anchor_ns) * s.fs / 1e9)
             # Only the part the stream has written is data; past it the ring is stale.
             n_avail = max(0, min(n, s.written_g - g_lo))
             if n_avail == n:
-                kernels._window_stats(s.ring, s.status, np.int64(g_lo), n, s.full_scale, out,
-                                      stats)
-            elif n_avail > 0:
-                part = np.empty((spec.channels, n_avail), np.float32)
-                kernels._window_stats(s.ring, s.status, np.int64(g_lo), n_avail, s.full_scale,
-                                      part, stats)
-                out[:, :n_avail] = part
+                out = np.empty((spec.channels, n), np.float32)
+                kernels._window_stats(s.ring, s.status, g_lo, n, s.full_scale, out, stats)
             else:
-                stats[:] = 0.0
-            stats[2] += n - n_avail
+                out = np.zeros((spec.channels, n), np.float32)
+                if n_avail > 0:
+                    part = np.empty((spec.channels, n_avail), np.float32)
+                    kernels._window_stats(s.ring, s.status, g_lo, n_avail, s.full_scale, part,
+                                          stats)
+                    out[:, :n_avail] = part
+                else:
+                    stats[:] = 0.0
+                stats[2] += n - n_avail
+            data[name] = out
             valid = int(stats[0])
             cov = valid / n
             coverage[name] = cov
             any_data = any_data or valid > 0
-            reason = self._reason(cov, stats, spec.channels)
+            reason = self._reason(cov, stats)
             present[name] = reason is None
             if reason is not None:
                 reasons[name] = reason
@@ -257,9 +256,10 @@ class Aligner:
             self.counters["empty_windows_skipped"] += 1
             return
         self.counters["windows"] += 1
-        self._out.append(Window(node.name, k, start, end, data, present, reasons, coverage))
+        self._out.append(Window(node.name, k, start, start + c.window_ns, data, present,
+                                reasons, coverage))
 
-    def _reason(self, coverage: float, stats: np.ndarray, channels: int) -> str | None:
+    def _reason(self, coverage: float, stats: np.ndarray) -> str | None:
         cfg = self.config
         if coverage < cfg.min_coverage:
             return REASON_NAN if stats[1] > stats[2] else REASON_GAP

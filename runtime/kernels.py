@@ -124,6 +124,16 @@ def _resample_into(x, prev, prev_pos, has_prev, p0, step, g_lo, g_hi, ring, stat
 
 
 @njit(cache=True)
+def _count_nonfinite(x):
+    """Number of NaN/inf values in x [n, ch]."""
+    count = 0
+    for v in x.ravel():
+        if not math.isfinite(v):
+            count += 1
+    return count
+
+
+@njit(cache=True)
 def _mark_gap(status, g_lo, g_hi):
     """Mark grid indices [g_lo, g_hi) as gap (no data) in the ring's status."""
     cap = status.shape[0]
@@ -217,4 +227,6 @@ def warm_up() -> None:
         _resample_into(xin, np.zeros(1), -1.0, True, 0.0, 1.0, np.int64(0), np.int64(4), ring,
                        status)
     _mark_gap(status, np.int64(0), np.int64(2))
+    _count_nonfinite(x)
+    _count_nonfinite(x32)
     _window_stats(ring, status, np.int64(0), 4, 0.0, np.zeros((1, 4), np.float32), np.zeros(6))

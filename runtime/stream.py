@@ -226,8 +226,7 @@ class StreamState:
             xf = np.empty(x.shape, np.float64)
             kernels._lowpass4(x, xf, self._sos, self._zi)
             x = xf
-        nonfinite = x.size - int(np.count_nonzero(np.isfinite(x)))
-        c.nonfinite_samples += nonfinite
+        c.nonfinite_samples += kernels._count_nonfinite(x)
         # Feed the ring in pieces no longer than half of it, making room first.
         piece = max(1, int((self.cap - self.window_samples) / 2 / step))
         for lo in range(0, x.shape[0], piece):

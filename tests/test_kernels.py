@@ -115,3 +115,12 @@ def test_mark_gap_wraps():
     status = np.ones(10, np.uint8)
     kernels._mark_gap(status, np.int64(8), np.int64(13))
     assert status.tolist() == [0, 0, 0, 1, 1, 1, 1, 1, 0, 0]
+
+
+@pytest.mark.parametrize("shape,bad", [((0, 1), 0.0), ((100, 1), 0.0), ((50, 6), 0.2),
+                                       ((7, 2), 1.0)])
+def test_count_nonfinite_matches_numpy(shape, bad):
+    rng = np.random.default_rng(shape[0])
+    x = _with_nonfinite(rng, rng.standard_normal(shape), bad)
+    for arr in (x, x.astype(np.float32)):
+        assert kernels._count_nonfinite(arr) == int((~np.isfinite(arr)).sum())
