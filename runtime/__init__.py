@@ -1,6 +1,7 @@
 """edgefuse.runtime: the streaming core (alignment, windowing, inference, fusion).
 
-Imports numpy, numba, onnxruntime and scipy only; never torch.
+Imports numpy, numba and onnxruntime only (scipy is a dependency of the
+readers' tests, not of the core path); never torch.
 """
 from edgefuse.runtime.errors import EdgefuseError
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
-from scipy.signal import butter
 
 from edgefuse.runtime import kernels
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.contract import ModalitySpec
+from edgefuse.runtime.filters import butter4_lowpass_sos
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class StreamState:
             self._sos = None
             return
         if self._sos is None or abs(rate - self._sos_rate) > 0.01 * self._sos_rate:
-            self._sos = butter(4, 0.45 * self.fs, fs=rate, output="sos").astype(np.float64)
+            self._sos = butter4_lowpass_sos(0.45 * self.fs, rate)
             self._sos_rate = rate
             self._zi = np.zeros((self._sos.shape[0], self.spec.channels, 2))
 

@@ -124,3 +124,21 @@ def test_count_nonfinite_matches_numpy(shape, bad):
     x = _with_nonfinite(rng, rng.standard_normal(shape), bad)
     for arr in (x, x.astype(np.float32)):
         assert kernels._count_nonfinite(arr) == int((~np.isfinite(arr)).sum())
+
+
+@pytest.mark.parametrize("cutoff,rate", [(0.45 * 4934, 9866.44), (360.0, 1605.23),
+                                         (0.45 * 800, 1528.3), (10.0, 1000.0)])
+def test_butterworth_design_matches_scipy(cutoff, rate):
+    from edgefuse.runtime.filters import butter4_lowpass_sos
+    from scipy.signal import sosfilt
+    ours = butter4_lowpass_sos(cutoff, rate)
+    np.testing.assert_allclose(ours, butter(4, cutoff, fs=rate, output="sos"), atol=1e-12)
+    x = np.random.default_rng(0).standard_normal(2000)
+    np.testing.assert_allclose(sosfilt(ours, x), sosfilt(butter(4, cutoff, fs=rate,
+                                                                 output="sos"), x), atol=1e-10)
+
+
+def test_butterworth_design_refuses_bad_cutoff():
+    from edgefuse.runtime.filters import butter4_lowpass_sos
+    with pytest.raises(ValueError, match="cutoff"):
+        butter4_lowpass_sos(600.0, 1000.0)

@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): python bench/replay.py, python bench/startup.py."""
