@@ -212,8 +212,11 @@ class StreamState:
                 p0 += skip * step
         self._recent_seqs.append(chunk.seq)
         if estimated:
-            if self._history and chunk.t0_ns - self._history[-1][0] > 1.5 * self._history[-1][1] * 1e9 / rate + self.gap_tolerance * 1e9 / rate:
-                self._history.clear()
+            if self._history:
+                last_t0, last_n = self._history[-1]
+                expected_ns = (last_n + self.gap_tolerance) * 1e9 / rate
+                if chunk.t0_ns - last_t0 > 1.5 * expected_ns:
+                    self._history.clear()  # a gap: estimate from the new segment only
             self._history.append((chunk.t0_ns, chunk.n))
         self._note_rate(chunk, rate, estimated)
         if self._has_prev and (p0 - self._prev_pos) > self.gap_tolerance * step:
@@ -257,12 +260,12 @@ class StreamState:
             # Grid points between the last data and this segment are gaps.
             first = int(math.ceil(p0))
             gap_lo = max(g_lo, first - self.cap)
-            kernels._mark_gap(self.status, np.int64(gap_lo), np.int64(first))
+            kernels._mark_gap(self.status, gap_lo, first)
             g_lo = first
             self.written_g = first
         if g_hi > g_lo:
             kernels._resample_into(x, self._prev, self._prev_pos, self._has_prev, p0, step,
-                                   np.int64(g_lo), np.int64(g_hi), self.ring, self.status)
+                                   g_lo, g_hi, self.ring, self.status)
             self.written_g = g_hi
         self._prev = x[-1].astype(np.float64)
         self._prev_pos = last_pos
