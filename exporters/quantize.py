@@ -14,6 +14,9 @@ like the original.
   huge dynamic range before the log) is left in float32 by default
   (``keep_frontend=True``); quantising it too is possible and measured in
   the report.
+- int8-static: ``quantize_static`` (QDQ, int8 weights per channel, uint8
+  activations with ranges from calibration windows: real windows of the
+  model's training side, never its held-out ones). Front end kept float32.
 - fp16: ``onnxruntime.transformers.float16.convert_float_to_float16`` with
   ``keep_io_types=True`` (casts at the edges). ORT's CPU provider runs few
   ops in fp16, so this variant is for GPUs / fp16-capable NPUs; on a CPU it
@@ -37,7 +40,7 @@ from edgefuse.runtime.inference import OnnxModel
 
 log = logging.getLogger(__name__)
 
-MODES = ("int8", "fp16")
+MODES = ("int8", "int8-static", "fp16")
 _FRONTEND_BUFFERS = ("block_kernels", "kernels", "fbank_t")
 
 
@@ -85,10 +88,51 @@ def _toposort(graph: onnx.GraphProto) -> None:
     graph.node.extend(copies)
 
 
-def _convert_one(src: Path, dst: Path, mode: str, keep_frontend: bool) -> None:
+class _Calibration:
+    """CalibrationDataReader over windows [n, ch, samples] per modality (all present)."""
+
+    def __init__(self, contract: ModelContract, windows: dict[str, np.ndarray], batch: int = 32):
+        n = min(len(v) for v in windows.values())
+        self._feeds = []
+        for lo in range(0, n, batch):
+            feed = {m.input: np.ascontiguousarray(windows[m.name][lo:lo + batch], np.float32)
+                    for m in contract.modalities}
+            rows = next(iter(feed.values())).shape[0]
+            feed[contract.mask_input] = np.ones((rows, len(contract.modalities)), np.float32)
+            self._feeds.append(feed)
+        self._it = iter(self._feeds)
+
+    def get_next(self):
+        return next(self._it, None)
+
+    def rewind(self):
+        self._it = iter(self._feeds)
+
+
+def _convert_one(src: Path, dst: Path, mode: str, keep_frontend: bool,
+                 calibration: dict[str, np.ndarray] | None = None) -> None:
     model = onnx.load(str(src))
     meta = [(p.key, p.value) for p in model.metadata_props]
-    if mode == "int8":
+    if mode == "int8-static":
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+        if not calibration:
+            raise ConfigError("int8-static needs calibration windows (real windows of the "
+                              "model's training data); use int8 (dynamic) without them")
+        contract = ModelContract.from_json(dict(meta)[METADATA_KEY], str(src))
+        with tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / "in.onnx"
+            for i, n in enumerate(model.graph.node):
+                if not n.name:
+                    n.name = f"{n.op_type}_{i}"
+            exclude = _frontend_nodes(model) if keep_frontend else []
+            onnx.save(model, str(named))
+            quantize_static(str(named), str(dst), _Calibration(contract, calibration),
+                            quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                            nodes_to_exclude=exclude)
+        out = onnx.load(str(dst))
+    elif mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
         with tempfile.TemporaryDirectory() as tmp:
             # quantize_dynamic wants a path; a model without node names gets them here
@@ -116,7 +160,8 @@ def _convert_one(src: Path, dst: Path, mode: str, keep_frontend: bool) -> None:
 
 
 def quantize_model(src: str | os.PathLike, dst: str | os.PathLike | None = None,
-                   mode: str = "int8", keep_frontend: bool = True) -> list[str]:
+                   mode: str = "int8", keep_frontend: bool = True,
+                   calibration: dict[str, np.ndarray] | None = None) -> list[str]:
     """Write the ``mode`` variant of src (and of each fallback) and return the paths;
     the main file's contract lists the variant fallbacks. The result is loaded with
     the runtime's loader before returning."""
@@ -131,10 +176,11 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     written, specs = [], []
     for fb in contract.fallbacks:
         fb_dst = dst.with_name(f"{dst.stem}.{'-'.join(fb.modalities)}{dst.suffix}")
-        _convert_one(src.parent / fb.file, fb_dst, mode, keep_frontend)
+        sub_cal = {m: calibration[m] for m in fb.modalities} if calibration else None
+        _convert_one(src.parent / fb.file, fb_dst, mode, keep_frontend, sub_cal)
         specs.append(FallbackSpec(fb.modalities, fb_dst.name))
         written.append(str(fb_dst))
-    _convert_one(src, dst, mode, keep_frontend)
+    _convert_one(src, dst, mode, keep_frontend, calibration)
     if specs:
         model = onnx.load(str(dst))
         for p in model.metadata_props:
@@ -190,3 +236,21 @@ def max_output_diff(a: str | os.PathLike, b: str | os.PathLike, n: int = 64,
               .astype(np.float32) for m in c.modalities}
     mask = np.ones((n, len(c.modalities)), np.float32)
     return float(np.max(np.abs(ma.run(inputs, mask) - mb.run(inputs, mask))))
+
+
+def calibration_windows(model_path: str | os.PathLike, data_dir: str, n: int = 256,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """n random windows with every modality present from the model's training side of
+    data_dir (its held-out keys excluded), for int8-static."""
+    from edgefuse.models.evaluate import eval_metadata, model_windows, select_windows
+    from edgefuse.models.splits import day_site_keys
+    model = OnnxModel.load(model_path)
+    ws, column = model_windows(model, data_dir)
+    test = set(eval_metadata(model).get("test") or ())
+    col = day_site_keys(ws) if column == "day_site" else ws.meta[column].astype(str)
+    idx = select_windows(ws, column, None)
+    idx = idx[~np.isin(col[idx], list(test)) & (ws.mask[idx] > 0).all(axis=1)]
+    if idx.size == 0:
+        raise ConfigError(f"no complete training-side window in {data_dir} to calibrate on")
+    pick = np.random.default_rng(seed).choice(idx, size=min(n, idx.size), replace=False)
+    return {m: ws.x[m][np.sort(pick)] for m in ws.modalities}

@@ -2,7 +2,8 @@
 
 Importing this package stays torch-free: torch lives in the submodules
 (``frontends``, ``standin``, ``build_standin``), which need the train extra.
-``bundled_path(name)`` gives the path of a bundled ONNX file.
+``bundled_path(name)`` gives the path of a bundled ONNX file. ``commands``
+(the train/export/evaluate/quantize CLI subcommands) is torch-free to import.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from edgefuse.runtime.errors import InputError
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 STANDIN_AV = "standin_av.onnx"
 BENCH_3M = "bench_3m.onnx"
+GV_DETECT = "gv_detect.onnx"    # trained acoustic+seismic vehicle detector (+ 2 fallbacks)
+HAR_IMU = "har_imu.onnx"        # trained phone+watch IMU activity model (+ 2 fallbacks)
 
 
 def bundled_path(name: str = STANDIN_AV) -> Path:

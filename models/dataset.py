@@ -1,0 +1,203 @@
+"""Window datasets cut by the runtime's own aligner (numpy only, no torch).
+
+Every labelled segment (models/segments.py) is replayed as chunks through
+``edgefuse.runtime.aligner.Aligner`` - the path serving uses - so training
+windows have exactly the grid, resampling, anti-aliasing and missing-modality
+decisions (gap, flatline, stuck, clipped) of the field. Each window then gets
+its detection label from the GPS distance (models/labels.py).
+
+The result is a ``WindowSet``: one float32 array per modality [N, channels,
+samples], the modality mask [N, M], labels and group columns (site, date,
+node, group = event id). It is cached as a compressed .npz (no pickle) under
+``~/.cache/edgefuse/datasets`` keyed by the data pack manifest and the config.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from edgefuse.models.labels import (DETECTION_LABELS, IGNORE, LabelRule, detection_labels,
+                                    window_distance)
+from edgefuse.models.segments import FULL_SCALE_INT16, Segment, load_segments
+from edgefuse.runtime.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.contract import ModalitySpec, ModelContract
+from edgefuse.runtime.errors import InputError
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+_STR_COLUMNS = ("site", "date", "node", "group", "kind", "target")
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    """The model's sample grid: what the contract will say (rates even, 1 s / 0.5 s)."""
+
+    window_ns: int = 1_000_000_000
+    hop_ns: int = 500_000_000
+    rates_hz: tuple[tuple[str, float], ...] = (("acoustic", 4934.0), ("seismic", 800.0))
+    chunk_s: float = 0.25     # replay chunk length (the aligner is chunking-invariant)
+
+    def contract(self, labels: tuple[str, ...] = DETECTION_LABELS) -> ModelContract:
+        mods = tuple(ModalitySpec(name, 1, rate, name) for name, rate in self.rates_hz)
+        return ModelContract("dataset-grid", "0", mods, self.window_ns, self.hop_ns, labels,
+                             "modality_mask", "scores", "logits")
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(n for n, _ in self.rates_hz)
+
+
+@dataclass
+class WindowSet:
+    """Labelled windows. x[m]: float32 [N, 1, samples]; mask: float32 [N, M] in the order
+    of ``modalities``; label: int64 [N]; string columns in ``meta``; numbers in ``num``."""
+
+    modalities: tuple[str, ...]
+    x: dict[str, np.ndarray]
+    mask: np.ndarray
+    label: np.ndarray
+    meta: dict[str, np.ndarray]          # site, date, node, group, kind, target (unicode)
+    num: dict[str, np.ndarray] = field(default_factory=dict)  # start_ns, dmin_m
+    reasons: dict[str, np.ndarray] = field(default_factory=dict)  # per modality, "" = present
+
+    def __len__(self) -> int:
+        return int(self.label.shape[0])
+
+    def subset(self, idx: np.ndarray) -> "WindowSet":
+        return WindowSet(self.modalities, {m: v[idx] for m, v in self.x.items()},
+                         self.mask[idx], self.label[idx],
+                         {k: v[idx] for k, v in self.meta.items()},
+                         {k: v[idx] for k, v in self.num.items()},
+                         {k: v[idx] for k, v in self.reasons.items()})
+
+    def save(self, path: str) -> None:
+        arrays = {"format": np.array(CACHE_FORMAT), "modalities": np.array(self.modalities),
+                  "mask": self.mask, "label": self.label}
+        arrays.update({f"x_{m}": v for m, v in self.x.items()})
+        arrays.update({f"meta_{k}": v for k, v in self.meta.items()})
+        arrays.update({f"num_{k}": v for k, v in self.num.items()})
+        arrays.update({f"reason_{k}": v for k, v in self.reasons.items()})
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "WindowSet":
+        with np.load(path, allow_pickle=False) as z:
+            if int(z["format"]) != CACHE_FORMAT:
+                raise InputError(f"{path}: dataset cache format {int(z['format'])}, expected "
+                                 f"{CACHE_FORMAT}; delete the file to rebuild it", path=path)
+            mods = tuple(str(m) for m in z["modalities"])
+            pick = lambda prefix: {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+            return cls(mods, pick("x_"), z["mask"], z["label"], pick("meta_"), pick("num_"),
+                       pick("reason_"))
+
+
+def cut_segment(seg: Segment, grid: GridConfig, contract: ModelContract,
+                aligner_config: AlignerConfig | None = None) -> list:
+    """Replay one segment through a fresh Aligner; returns its windows."""
+    chunks = []
+    for piece in seg.pieces:
+        n_chunk = max(1, int(round(grid.chunk_s * piece.rate_hz)))
+        for i in range(0, piece.samples.size, n_chunk):
+            t0 = piece.t0_ns + int(round(i * 1e9 / piece.rate_hz))
+            x = piece.samples[i:i + n_chunk].astype(np.float32)[:, None]
+            chunks.append(Chunk(seg.source, piece.modality, t0, piece.rate_hz, x, 0,
+                                full_scale=FULL_SCALE_INT16))
+    chunks.sort(key=lambda c: c.t0_ns)
+    seqs: dict[str, int] = {}
+    aligner = Aligner(contract, aligner_config)
+    windows = []
+    for c in chunks:
+        seqs[c.modality] = seqs.get(c.modality, -1) + 1
+        c = Chunk(c.node, c.modality, c.t0_ns, c.rate_hz, c.samples, seqs[c.modality],
+                  c.full_scale)
+        windows.extend(aligner.push(c))
+    windows.extend(aligner.flush())
+    return windows
+
+
+def build_windowset(data_dir: str, grid: GridConfig = GridConfig(),
+                    rule: LabelRule = LabelRule(),
+                    aligner_config: AlignerConfig | None = None) -> WindowSet:
+    """Cut and label every goodvibes segment under data_dir; IGNORE windows are dropped."""
+    segments, _ = load_segments(data_dir)
+    contract = grid.contract()
+    mods = grid.modalities
+    xs: dict[str, list] = {m: [] for m in mods}
+    masks, labels, starts, dmins = [], [], [], []
+    reasons: dict[str, list] = {m: [] for m in mods}
+    meta: dict[str, list] = {k: [] for k in _STR_COLUMNS}
+    for seg in segments:
+        wins = cut_segment(seg, grid, contract, aligner_config)
+        if not wins:
+            continue
+        start = np.array([w.start_ns for w in wins], np.int64)
+        end = np.array([w.end_ns for w in wins], np.int64)
+        dmin, dmax = window_distance(seg.track, start, end, rule)
+        lab = detection_labels(dmin, dmax, rule, seg.background_without_gps)
+        for w, y, s, d in zip(wins, lab, start, dmin):
+            if y == IGNORE:
+                continue
+            for m in mods:
+                xs[m].append(w.data[m])
+                reasons[m].append(w.missing_reason.get(m, "") if not w.present[m] else "")
+            masks.append([1.0 if w.present[m] else 0.0 for m in mods])
+            labels.append(int(y))
+            starts.append(int(s))
+            dmins.append(float(d))
+            for k, v in (("site", seg.site), ("date", seg.date), ("node", seg.node),
+                         ("group", seg.group), ("kind", seg.kind), ("target", seg.target)):
+                meta[k].append(v)
+    if not labels:
+        raise InputError(f"no labelled window could be cut from {data_dir!r}", path=data_dir)
+    ws = WindowSet(
+        mods, {m: np.stack(xs[m]).astype(np.float32) for m in mods},
+        np.array(masks, np.float32), np.array(labels, np.int64),
+        {k: np.array(v) for k, v in meta.items()},
+        {"start_ns": np.array(starts, np.int64), "dmin_m": np.array(dmins, np.float64)},
+        {m: np.array(reasons[m]) for m in mods})
+    log.info("built %d windows (%d vehicle) from %s", len(ws), int((ws.label == 1).sum()),
+             data_dir)
+    return ws
+
+
+def cache_dir() -> str:
+    return os.environ.get("EDGEFUSE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "edgefuse", "datasets")
+
+
+def cache_key(data_dir: str, grid: GridConfig, rule: LabelRule,
+              aligner_config: AlignerConfig | None) -> str:
+    h = hashlib.sha256()
+    manifest = os.path.join(data_dir, "MANIFEST.sha256")
+    if os.path.exists(manifest):
+        with open(manifest, "rb") as f:
+            h.update(f.read())
+    else:
+        h.update(os.path.abspath(data_dir).encode())
+    cfg = {"format": CACHE_FORMAT, "grid": asdict(grid), "rule": asdict(rule),
+           "aligner": asdict(aligner_config or AlignerConfig())}
+    h.update(json.dumps(cfg, sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def load_or_build(data_dir: str, grid: GridConfig = GridConfig(), rule: LabelRule = LabelRule(),
+                  aligner_config: AlignerConfig | None = None,
+                  cache: str | None = None) -> WindowSet:
+    """The cached WindowSet for these settings, built on first use."""
+    path = os.path.join(cache or cache_dir(),
+                        f"goodvibes-{cache_key(data_dir, grid, rule, aligner_config)}.npz")
+    if os.path.exists(path):
+        return WindowSet.load(path)
+    ws = build_windowset(data_dir, grid, rule, aligner_config)
+    ws.save(path)
+    return ws

@@ -1,0 +1,282 @@
+"""Evaluate an exported edgefuse model on held-out windows with ONNX Runtime.
+
+The model runs through the runtime's own loader and router (``OnnxModel`` +
+``Fuser``): what is evaluated is what runs in the field, fallback models
+included. Conditions:
+
+- ``all``            every window as recorded (its own modality mask);
+- ``without:<m>``    modality m removed from every window;
+- ``degraded:<m>``   m removed from a seeded random half of the windows that have it.
+
+Metrics per condition: accuracy, balanced accuracy (mean per-class recall; the
+detection test sets are ~90 % background, so plain accuracy flatters), macro-F1
+and the relative drop of each versus ``all``. Windows with no modality left
+are abstentions; they count as wrong and are reported (``abstained``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Sequence
+
+import numpy as np
+
+from edgefuse.models.dataset import WindowSet
+from edgefuse.runtime.fusion import Fuser
+from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.window import Window
+
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
+
+
+def confusion(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> np.ndarray:
+    """[true, pred] counts; predictions < 0 (abstentions) are left out of the matrix."""
+    cm = np.zeros((n_classes, n_classes), np.int64)
+    ok = y_pred >= 0
+    np.add.at(cm, (y_true[ok], y_pred[ok]), 1)
+    return cm
+
+
+def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    """Mean F1 over the classes that occur in y_true or y_pred (as sklearn's default).
+    Abstentions (y_pred < 0) count as misses of their true class."""
+    cm = confusion(y_true, y_pred, n_classes)
+    support = np.bincount(y_true, minlength=n_classes)
+    predicted = cm.sum(axis=0)
+    classes = [c for c in range(n_classes) if support[c] > 0 or predicted[c] > 0]
+    f1s = []
+    for c in classes:
+        tp = cm[c, c]
+        denom = support[c] + predicted[c]
+        f1s.append(0.0 if denom == 0 else 2.0 * tp / denom)
+    return float(np.mean(f1s)) if f1s else 0.0
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> float:
+    support = np.bincount(y_true, minlength=n_classes)
+    hits = np.bincount(y_true[y_pred == y_true], minlength=n_classes)
+    present = support > 0
+    return float(np.mean(hits[present] / support[present])) if present.any() else 0.0
+
+
+def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
+    return {"n": int(y_true.size),
+            "accuracy": float(np.mean(y_pred == y_true)) if y_true.size else 0.0,
+            "balanced_accuracy": balanced_accuracy(y_true, y_pred, n_classes),
+            "macro_f1": macro_f1(y_true, y_pred, n_classes),
+            "abstained": int(np.sum(y_pred < 0))}
+
+
+def _windows(ws: WindowSet, idx: np.ndarray, present: np.ndarray) -> list[Window]:
+    out = []
+    for row, i in enumerate(idx):
+        pres = {m: bool(present[row, j]) for j, m in enumerate(ws.modalities)}
+        out.append(Window(str(ws.meta["node"][i]), row, int(ws.num["start_ns"][i]),
+                          int(ws.num["start_ns"][i]) + 1, {m: ws.x[m][i] for m in ws.modalities},
+                          pres, {m: "evaluation" for m, p in pres.items() if not p},
+                          {m: 1.0 if p else 0.0 for m, p in pres.items()}))
+    return out
+
+
+def predict(model: OnnxModel, ws: WindowSet, idx: np.ndarray, present: np.ndarray,
+            batch: int = 256) -> np.ndarray:
+    """Predicted label index per window (-1 = abstained), through the runtime's router."""
+    fuser = Fuser(model, abstain_below=0.0, max_batch=batch)
+    labels = list(model.contract.labels)
+    pred = np.full(idx.size, -1, np.int64)
+    for lo in range(0, idx.size, 2048):
+        part = slice(lo, lo + 2048)
+        for k, d in enumerate(fuser.decide(_windows(ws, idx[part], present[part]))):
+            if d.label is not None:
+                pred[lo + k] = labels.index(d.label)
+    return pred
+
+
+def conditions(ws: WindowSet, idx: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Condition name -> presence matrix [len(idx), M] (bool)."""
+    base = ws.mask[idx] > 0
+    out = {"all": base}
+    rng = np.random.default_rng(seed)
+    for j, m in enumerate(ws.modalities):
+        removed = base.copy()
+        removed[:, j] = False
+        out[f"without:{m}"] = removed
+        has = np.flatnonzero(base[:, j])
+        drop = rng.choice(has, size=has.size // 2, replace=False) if has.size else has
+        degraded = base.copy()
+        degraded[drop, j] = False
+        out[f"degraded:{m}"] = degraded
+    return out
+
+
+def evaluate(model_path: str, ws: WindowSet, idx: np.ndarray, seed: int = 0,
+             use_fallbacks: bool = True, complete_only: bool = True) -> dict:
+    """The evaluation table as a dict (see the module docstring).
+
+    complete_only: evaluate on the windows that have every modality (so "without:m"
+    measures the loss of m and not windows that never had anything else)."""
+    if complete_only:
+        idx = idx[(ws.mask[idx] > 0).all(axis=1)]
+    model = OnnxModel.load(model_path)
+    if not use_fallbacks:
+        model.fallbacks = {}
+    labels = list(model.contract.labels)
+    y = ws.label[idx]
+    rows = {}
+    for name, present in conditions(ws, idx, seed).items():
+        rows[name] = scores(y, predict(model, ws, idx, present), len(labels))
+    ref = rows["all"]
+    for r in rows.values():
+        for k in METRICS:
+            r[f"rel_drop_{k}"] = (ref[k] - r[k]) / ref[k] if ref[k] > 0 else 0.0
+    return {"model": model.contract.ident, "labels": labels, "windows": int(idx.size),
+            "class_counts": np.bincount(y, minlength=len(labels)).tolist(),
+            "fallbacks": ["+".join(s) for s in model.fallbacks], "seed": seed,
+            "complete_only": complete_only,
+            "conditions": rows}
+
+
+def format_table(result: dict) -> str:
+    lines = [f"model {result['model']}  windows {result['windows']}  classes "
+             f"{dict(zip(result['labels'], result['class_counts']))}  fallbacks "
+             f"{result['fallbacks'] or 'none'}",
+             f"{'condition':<20}{'acc':>7}{'bal_acc':>9}{'macroF1':>9}"
+             f"{'drop acc':>10}{'drop bal':>10}{'drop F1':>9}{'abst':>6}"]
+    for name, r in result["conditions"].items():
+        lines.append(f"{name:<20}{r['accuracy']:7.3f}{r['balanced_accuracy']:9.3f}"
+                     f"{r['macro_f1']:9.3f}{r['rel_drop_accuracy']:10.1%}"
+                     f"{r['rel_drop_balanced_accuracy']:10.1%}{r['rel_drop_macro_f1']:9.1%}"
+                     f"{r['abstained']:6d}")
+    return "\n".join(lines)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=2, sort_keys=True)
+
+
+def ort_time_per_window_us(model_path: str, batch: int = 1, repeats: int = 50) -> float:
+    """Median wall time of one ORT call on zero windows (1 intra-op thread), per window."""
+    model = OnnxModel.load(model_path)
+    c = model.contract
+    inputs = {m.name: np.zeros((batch, m.channels, m.samples(c.window_ns)), np.float32)
+              for m in c.modalities}
+    mask = np.ones((batch, len(c.modalities)), np.float32)
+    model.run(inputs, mask)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.run(inputs, mask)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / batch * 1e6
+
+
+def subset_names(modalities: Sequence[str]) -> list[str]:
+    return [f"without:{m}" for m in modalities]
+
+
+# -- choosing the windows a model is evaluated on ------------------------------------
+EVAL_METADATA_KEY = "edgefuse.eval"
+TASKS = ("detection", "identification", "activity")
+_GOODVIBES = {"acoustic", "seismic"}
+
+
+def eval_metadata(model: OnnxModel) -> dict:
+    """The ``edgefuse.eval`` document export wrote (task, dataset, split column, test
+    keys), or {} for models without one (e.g. the stand-in)."""
+    raw = model.session.get_modelmeta().custom_metadata_map.get(EVAL_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        doc = json.loads(raw)
+    except json.JSONDecodeError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def infer_task(model: OnnxModel) -> str:
+    meta = eval_metadata(model)
+    if meta.get("task") in TASKS:
+        return str(meta["task"])
+    names = set(model.contract.modality_names)
+    return "detection" if names <= _GOODVIBES else "activity"
+
+
+def model_windows(model: OnnxModel, data_dir: str) -> tuple[WindowSet, str]:
+    """Labelled windows of data_dir cut on the model's own grid; (windows, split column)."""
+    from edgefuse.runtime.errors import ModalityMismatchError
+    c = model.contract
+    names = c.modality_names
+    if set(names) <= _GOODVIBES:
+        from edgefuse.models.dataset import GridConfig, load_or_build
+        if names != ("acoustic", "seismic"):
+            raise ModalityMismatchError(
+                f"model {c.ident} takes {list(names)}; goodvibes evaluation needs a model of "
+                "['acoustic', 'seismic'] (fallbacks are evaluated through their main model)")
+        grid = GridConfig(c.window_ns, c.hop_ns, tuple((m.name, m.rate_hz) for m in c.modalities))
+        return load_or_build(data_dir, grid), "day_site"
+    from edgefuse.models.har import MODALITIES, HarGrid, load_or_build_har
+    rates = {m.rate_hz for m in c.modalities}
+    if names != MODALITIES or len(rates) != 1:
+        raise ModalityMismatchError(
+            f"model {c.ident} takes {list(names)}; evaluation knows goodvibes "
+            f"['acoustic', 'seismic'] and sp-sw-har {list(MODALITIES)} (one rate) models")
+    return load_or_build_har(data_dir, HarGrid(rates.pop(), c.window_ns, c.hop_ns)), "subject"
+
+
+def select_windows(ws: WindowSet, column: str, keys: Sequence[str] | None) -> np.ndarray:
+    """Indices of the windows (with at least one modality) whose split key is in keys
+    (all windows when keys is None)."""
+    from edgefuse.models.splits import day_site_keys
+    usable = ws.mask.sum(axis=1) > 0
+    if keys is None:
+        return np.flatnonzero(usable)
+    col = day_site_keys(ws) if column == "day_site" else ws.meta[column].astype(str)
+    return np.flatnonzero(usable & np.isin(col, list(keys)))
+
+
+def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
+                     split: str = "test", seed: int = 0, use_fallbacks: bool = True,
+                     keys: Sequence[str] | None = None) -> dict:
+    """Evaluate a model file on the labelled windows of a data folder.
+
+    split "test": the held-out keys the model's ``edgefuse.eval`` metadata names (the
+    windows it never saw); "all": every labelled window (includes training windows).
+    ``keys`` (day-sites or subjects) overrides both: e.g. to score a model without
+    metadata (the stand-in) on another model's held-out day-site."""
+    from edgefuse.runtime.errors import ConfigError, InputError
+    model = OnnxModel.load(model_path)
+    task = task or infer_task(model)
+    if task not in TASKS:
+        raise ConfigError(f"--task must be one of {TASKS}, found {task!r}")
+    if task == "identification":
+        raise ConfigError(
+            "identification cannot be evaluated without leakage on this data: every vehicle "
+            "was driven at one site only, so holding out a day-site leaves its vehicles unseen "
+            "(see /work/notes/issue3.md); no identification model is trained. Use --task "
+            "detection")
+    expected = infer_task(model)
+    if task != expected:
+        raise ConfigError(f"model {model.contract.ident} is a {expected} model (labels "
+                          f"{list(model.contract.labels)}); --task {task} does not apply")
+    ws, column = model_windows(model, data_dir)
+    if split not in ("test", "all"):
+        raise ConfigError(f"split must be 'test' or 'all', found {split!r}")
+    if keys:
+        keys = list(keys)
+    elif split == "test":
+        keys = eval_metadata(model).get("test")
+        if not keys:
+            raise ConfigError(f"{model_path} names no held-out split (no '{EVAL_METADATA_KEY}' "
+                              "metadata); pass --keys or --split all")
+    else:
+        keys = None
+    idx = select_windows(ws, column, keys)
+    if idx.size == 0:
+        raise InputError(f"{data_dir} holds no labelled window of the {column}s {keys}; "
+                         "pass the data pack root, other --keys, or --split all",
+                         path=data_dir)
+    result = evaluate(model_path, ws, idx, seed=seed, use_fallbacks=use_fallbacks,
+                      complete_only=True)
+    result.update({"task": task, "n_windows": result["windows"], "split": split,
+                   "split_column": column, "split_keys": list(keys) if keys else "all"})
+    return result

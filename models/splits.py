@@ -1,0 +1,116 @@
+"""Train/validation/test splits by recording day and site (numpy only).
+
+Windows of one event overlap in time (hop < window) and the nodes of a site
+record the same vehicle at the same moment, so random window splits leak.
+Splits here are by (site, date) "day-site" keys, e.g. ``bprf/2023-04-11``:
+every window of a day-site goes to exactly one side. ``check_no_leakage``
+verifies that no event group (pass or noise recording) and no day-site
+appears on two sides.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgefuse.models.dataset import WindowSet
+from edgefuse.runtime.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Split:
+    """Index arrays into a WindowSet."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    test_keys: tuple[str, ...]
+    val_keys: tuple[str, ...]
+
+
+def day_site_keys(ws: WindowSet) -> np.ndarray:
+    return np.char.add(np.char.add(ws.meta["site"].astype(str), "/"), ws.meta["date"].astype(str))
+
+
+def split_by_day_site(ws: WindowSet, test: tuple[str, ...], val: tuple[str, ...] = (),
+                      usable: np.ndarray | None = None) -> Split:
+    """Test = windows of the `test` day-sites, val = those of `val`, train = the rest.
+
+    `usable` (bool [N]) drops windows from every side (e.g. windows with no modality).
+    Unknown keys are refused with the list of known ones."""
+    keys = day_site_keys(ws)
+    known = sorted(set(keys.tolist()))
+    for k in (*test, *val):
+        if k not in known:
+            raise ConfigError(f"split key {k!r} is not a day-site of this dataset; known: {known}")
+    if set(test) & set(val):
+        raise ConfigError(f"a day-site cannot be both test and val: {sorted(set(test) & set(val))}")
+    ok = np.ones(len(ws), bool) if usable is None else np.asarray(usable, bool)
+    is_test = np.isin(keys, list(test))
+    is_val = np.isin(keys, list(val))
+    split = Split(np.flatnonzero(ok & ~is_test & ~is_val), np.flatnonzero(ok & is_val),
+                  np.flatnonzero(ok & is_test), tuple(test), tuple(val))
+    check_no_leakage(ws, split)
+    return split
+
+
+def check_no_leakage(ws: WindowSet, split: Split) -> None:
+    """Raise ConfigError when an event group or a day-site has windows on two sides."""
+    groups = ws.meta["group"]
+    keys = day_site_keys(ws)
+    sides = {"train": split.train, "val": split.val, "test": split.test}
+    for what, col in (("event group", groups), ("day-site", keys)):
+        seen: dict[str, str] = {}
+        for side, idx in sides.items():
+            for g in set(col[idx].tolist()):
+                if g in seen and seen[g] != side:
+                    raise ConfigError(f"{what} {g!r} has windows in both {seen[g]} and {side}; "
+                                      "split by day-site, never by window")
+                seen[g] = side
+    overlap = (set(split.train.tolist()) & set(split.test.tolist())) | \
+              (set(split.train.tolist()) & set(split.val.tolist()))
+    if overlap:
+        raise ConfigError(f"{len(overlap)} windows are on two sides of the split")
+
+
+def counts_table(ws: WindowSet, idx: np.ndarray | None = None) -> list[dict]:
+    """Rows (day-site, label, target, acoustic present, seismic present) -> windows."""
+    idx = np.arange(len(ws)) if idx is None else idx
+    keys = day_site_keys(ws)[idx]
+    rows: dict[tuple, int] = {}
+    for i, k in zip(idx, keys):
+        r = (str(k), int(ws.label[i]), str(ws.meta["target"][i]),
+             *(int(v) for v in ws.mask[i]))
+        rows[r] = rows.get(r, 0) + 1
+    names = ("day_site", "label", "target", *(f"{m}_present" for m in ws.modalities))
+    return [dict(zip(names, r), windows=n) for r, n in sorted(rows.items())]
+
+
+def split_by_column(ws: WindowSet, column: str, test: tuple[str, ...],
+                    val: tuple[str, ...] = (), usable: np.ndarray | None = None) -> Split:
+    """Like split_by_day_site, keyed by one meta column (e.g. "subject" for sp-sw-har):
+    every window of a key goes to one side; event groups never straddle sides."""
+    if column not in ws.meta:
+        raise ConfigError(f"split column {column!r} is not in this dataset; "
+                          f"known: {sorted(ws.meta)}")
+    keys = ws.meta[column].astype(str)
+    known = sorted(set(keys.tolist()))
+    for k in (*test, *val):
+        if k not in known:
+            raise ConfigError(f"split key {k!r} is not a {column} of this dataset; known: {known}")
+    if set(test) & set(val):
+        raise ConfigError(f"a {column} cannot be both test and val: {sorted(set(test) & set(val))}")
+    ok = np.ones(len(ws), bool) if usable is None else np.asarray(usable, bool)
+    is_test = np.isin(keys, list(test))
+    is_val = np.isin(keys, list(val))
+    split = Split(np.flatnonzero(ok & ~is_test & ~is_val), np.flatnonzero(ok & is_val),
+                  np.flatnonzero(ok & is_test), tuple(test), tuple(val))
+    sides = {"train": split.train, "val": split.val, "test": split.test}
+    for what, col in (("event group", ws.meta["group"].astype(str)), (column, keys)):
+        seen: dict[str, str] = {}
+        for side, idx in sides.items():
+            for g in set(col[idx].tolist()):
+                if g in seen and seen[g] != side:
+                    raise ConfigError(f"{what} {g!r} has windows in both {seen[g]} and {side}")
+                seen[g] = side
+    return split
