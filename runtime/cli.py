@@ -19,7 +19,7 @@ from edgefuse.runtime.errors import EdgefuseError
 
 log = logging.getLogger("edgefuse")
 
-DEFAULT_MODEL = "standin_av.onnx"
+DEFAULT_MODEL = "gv_detect.onnx"
 
 
 def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
@@ -97,6 +97,77 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _host_port(text: str, what: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise EdgefuseError(f"{what} must be HOST:PORT (e.g. 127.0.0.1:1883), found {text!r}")
+    return host, int(port)
+
+
+def cmd_run(args) -> int:
+    from edgefuse.runtime.config import load_config
+    from edgefuse.runtime.daemon import run_daemon
+    over: dict = {}
+
+    def put(path: str, value) -> None:
+        table = over
+        *parents, last = path.split(".")
+        for key in parents:
+            table = table.setdefault(key, {})
+        table[last] = value
+
+    if args.model:
+        put("model.path", args.model)
+    if args.mqtt:
+        host, port = _host_port(args.mqtt, "--mqtt")
+        put("mqtt.host", host)
+        put("mqtt.port", port)
+    if args.out:
+        if args.out == "-":
+            put("sink.stdout.enabled", True)
+        else:
+            put("sink.jsonl.path", args.out)
+    if args.serial:
+        put("source.serial", [{"device": d, "protocol": args.serial_protocol}
+                              for d in args.serial])
+    if args.no_mqtt_source:
+        put("source.mqtt.enabled", False)
+    if args.no_mqtt_sink:
+        put("sink.mqtt.enabled", False)
+    if args.outbox:
+        put("sink.mqtt.outbox", args.outbox)
+    if args.record:
+        put("daemon.record", args.record)
+    if args.metrics:
+        host, port = _host_port(args.metrics, "--metrics")
+        put("metrics.enabled", True)
+        put("metrics.host", host)
+        put("metrics.port", port)
+    if args.latency_trace:
+        put("daemon.latency_trace", args.latency_trace)
+    config = load_config(args.config, over)
+    return run_daemon(config)
+
+
+def cmd_simulate(args) -> int:
+    from edgefuse.runtime.simulate import MqttPublisher, SerialPublisher, simulate
+    from edgefuse.sensors.inputs import open_inputs
+    if (args.mqtt is None) == (args.serial is None):
+        raise EdgefuseError("give exactly one of --mqtt HOST:PORT or --serial PATH")
+    inputs = open_inputs(args.inputs, chunk_s=args.chunk_s)
+    if args.mqtt is not None:
+        from edgefuse.runtime.mqtt_client import MqttSettings
+        host, port = _host_port(args.mqtt, "--mqtt")
+        publisher = MqttPublisher(MqttSettings(host=host, port=port), qos=args.qos,
+                                  topic_pattern=args.topic_pattern)
+    else:
+        publisher = SerialPublisher(args.serial, protocol=args.protocol, baud=args.baud)
+    summary = simulate(inputs.chunks(), publisher, speed=args.speed, max_idle_s=args.max_idle_s)
+    log.info("sent %d chunks of %d streams in %.2f s (pauses shortened by %.1f s)",
+             summary.chunks, len(summary.streams), summary.wall_s, summary.skipped_idle_s)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefuse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"edgefuse {__version__}")
@@ -135,6 +206,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--require-provider", action="store_true")
     p.add_argument("--threads", type=int, default=1)
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("run", help="the daemon: live MQTT/serial sources -> model -> sinks")
+    p.add_argument("--config", default=None, help="TOML config (see deploy/edgefuse.toml); "
+                   "the options below override it")
+    p.add_argument("--model", default=None, help="ONNX model (default: bundled "
+                   f"{DEFAULT_MODEL})")
+    p.add_argument("--mqtt", default=None, metavar="HOST:PORT",
+                   help="broker for the sensor chunks and the decisions")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write decisions as JSON Lines (- = stdout)")
+    p.add_argument("--serial", action="append", default=[], metavar="PATH",
+                   help="read chunks from this serial device (repeatable)")
+    p.add_argument("--serial-protocol", default="binary", choices=["binary", "json", "csv"])
+    p.add_argument("--no-mqtt-source", action="store_true", help="do not subscribe to chunks")
+    p.add_argument("--no-mqtt-sink", action="store_true", help="do not publish decisions")
+    p.add_argument("--outbox", default=None, help="SQLite outbox of the decision publisher")
+    p.add_argument("--record", default=None, metavar="LOG.mcap",
+                   help="record every input chunk, for replay")
+    p.add_argument("--metrics", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics here (e.g. 127.0.0.1:9108)")
+    p.add_argument("--latency-trace", default=None, metavar="FILE",
+                   help="per decision: arrival of its closing chunk and output time (JSONL)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("simulate", help="play recorded inputs as live nodes (MQTT or serial)")
+    p.add_argument("inputs", nargs="+", help="MCAP logs or any input replay reads")
+    p.add_argument("--mqtt", default=None, metavar="HOST:PORT")
+    p.add_argument("--serial", default=None, metavar="PATH")
+    p.add_argument("--protocol", default="binary", choices=["binary", "json", "csv"],
+                   help="serial framing (README, section Wire formats)")
+    p.add_argument("--baud", type=int, default=115200)
+    p.add_argument("--qos", type=int, default=1, choices=[0, 1])
+    p.add_argument("--topic-pattern", default="edgefuse/{node}/{modality}")
+    p.add_argument("--speed", type=float, default=1.0, help="multiple of real time")
+    p.add_argument("--max-idle-s", type=float, default=1.0,
+                   help="shorten pauses in the recording to this many wall seconds")
+    p.add_argument("--chunk-s", type=float, default=1.0,
+                   help="chunk length when reading non-MCAP inputs (s)")
+    p.set_defaults(func=cmd_simulate)
+
+    # train / export / evaluate / quantize: torch is imported inside their handlers only.
+    from edgefuse.models.commands import register
+    register(sub)
     return parser
 
 

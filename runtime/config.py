@@ -204,12 +204,18 @@ def _build(cls: type, table: Any, path: str):
     for name, value in table.items():
         sub = f"{path}.{name}" if path else name
         hint = hints[name]
-        target = _dataclass_in(hint)
-        if target is not None and isinstance(value, dict):
-            values[name] = _build(target, value, sub)
-            continue
         item_cls = _dataclass_in(typing.get_args(hint)[0]) \
             if typing.get_origin(hint) is tuple else None
+        target = None if item_cls is not None else _dataclass_in(hint)
+        if target is not None:
+            if isinstance(value, dict):
+                values[name] = _build(target, value, sub)
+            elif value is None and _type_ok(None, hint):
+                values[name] = None
+            else:
+                raise ConfigError(f"{where} {name} = {value!r} has the wrong type; expected "
+                                  f"a table [{sub}]")
+            continue
         if item_cls is not None:
             if not isinstance(value, list):
                 raise ConfigError(f"{sub} must be an array of tables ([[{sub}]]), "

@@ -52,6 +52,13 @@ class Fuser:
         self.routes: Counter[str] = Counter()   # decisions per fallback value
         self.batches: Counter[str] = Counter()  # ORT calls per route
 
+    def seq_state(self) -> dict[str, int]:
+        """The next decision seq of every node (to carry over a model swap)."""
+        return dict(self._seq)
+
+    def restore_seq_state(self, seqs: dict[str, int]) -> None:
+        self._seq = dict(seqs)
+
     def counters(self) -> dict[str, dict[str, int]]:
         """Decisions and ORT calls per route, for metrics."""
         return {"decisions": dict(self.routes), "batches": dict(self.batches)}

@@ -49,7 +49,9 @@ SOURCE_COUNTERS = {
     "oversized": "messages refused for their size",
     "ignored": "messages ignored (our own decision topic)",
     "dropped_queue_full": "chunks dropped because the daemon fell behind (queue full)",
+    "connects": "connections of the transport (broker sessions, port opens)",
     "reconnects": "reconnections of the transport",
+    "subscribed": "MQTT subscriptions acknowledged (one per broker session)",
     "disconnects": "losses of the transport",
 }
 

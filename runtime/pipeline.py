@@ -72,6 +72,16 @@ class Pipeline:
         self.timing["align_s"] += time.perf_counter() - t
         return self._run() if self._pending else []
 
+    def swap_model(self, model: OnnxModel) -> None:
+        """Decide with ``model`` from now on (SIGHUP reload). The aligner state and
+        the per-node decision counters carry over: consumers dedupe on (node, seq),
+        so seq must not restart. The caller checks the windows are cut alike."""
+        seqs = self.fuser.seq_state()
+        self.model = model
+        self.fuser = Fuser(model, abstain_below=self.config.abstain_below,
+                           max_batch=self.config.max_batch)
+        self.fuser.restore_seq_state(seqs)
+
     def pending_windows(self) -> int:
         return len(self._pending)
 

@@ -41,7 +41,7 @@ class StreamCounters:
     unknown_rate_chunks: int = 0  # dropped: no rate given and none estimable
     rate_hz: float = 0.0         # rate in use (given or estimated)
     rate_estimated: bool = False
-    drift_ppm: float = 0.0       # (rate in use - nominal) / nominal
+    drift_ppm: float | None = 0.0  # (rate in use - nominal) / nominal; None: no nominal
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -177,8 +177,10 @@ class StreamState:
         c = self.counters
         c.rate_hz = rate
         c.rate_estimated = estimated
-        nominal = float(chunk.rate_hz) if chunk.rate_hz is not None else self.fs
-        c.drift_ppm = (rate - nominal) / nominal * 1e6
+        if chunk.rate_hz is not None:  # drift against the rate the sender calls nominal
+            c.drift_ppm = (rate - float(chunk.rate_hz)) / float(chunk.rate_hz) * 1e6
+        else:
+            c.drift_ppm = None  # no nominal rate to drift from; rate_hz is the estimate
 
     def _design_filter(self, rate: float) -> None:
         """Anti-alias low-pass (Butterworth, order 4, 0.45 x output rate) when decimating."""

@@ -144,8 +144,16 @@ def test_rate_is_estimated_when_unknown_and_drift_reported():
     windows = run(aligner, a)
     st_ = aligner.stats()["streams"]["n/a"]
     assert st_["rate_estimated"] and abs(st_["rate_hz"] - 401.2) < 0.05
-    assert abs(st_["drift_ppm"] - (401.2 - 400.0) / 400.0 * 1e6) < 200
+    assert st_["drift_ppm"] is None  # nothing nominal to drift from
     assert len(windows) >= 13
+    # A sender that declares 400 Hz as nominal while running at 401.2 Hz: 3000 ppm.
+    nominal = [Chunk(x.node, x.modality, x.t0_ns, 400.0, x.samples, x.seq, rate_is_nominal=True)
+               for x in a]
+    aligner = Aligner(c)
+    run(aligner, nominal)
+    st_ = aligner.stats()["streams"]["n/a"]
+    assert st_["rate_estimated"] and abs(st_["rate_hz"] - 401.2) < 0.05
+    assert abs(st_["drift_ppm"] - 3000.0) < 150
 
 
 def test_drifting_streams_stay_aligned():

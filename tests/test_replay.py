@@ -17,6 +17,7 @@ SAMPLE = ROOT / "examples" / "data" / "sample.mcap"
 PASS_WITHOUT_ACOUSTIC = DATA / "goodvibes" / "passes" / "full" / "3A.9.81"
 CLOSE = DATA / "goodvibes" / "passes" / "close"
 MODEL = bundled_model_path()
+MODEL_IDENT = "gv-detect@1.0.0"
 
 
 def _replay(tmp_path, *inputs, name="d.jsonl", extra=()):
@@ -60,7 +61,7 @@ def test_decisions_carry_every_field_and_cover_the_passes(tmp_path):
     for d in decisions:
         assert d["window_end_ns"] - d["window_start_ns"] == 1_000_000_000
         assert abs(sum(d["scores"].values()) - 1.0) < 1e-4 or d["fallback"] == "abstain"
-        assert d["model"].startswith("standin-av@")
+        assert d["model"] == MODEL_IDENT
     for node in nodes:
         seqs = [d["seq"] for d in decisions if d["node"] == node]
         starts = [d["window_start_ns"] for d in decisions if d["node"] == node]

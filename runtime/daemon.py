@@ -1,0 +1,374 @@
+"""``edgefuse run``: live sources -> the streaming core -> sinks, under systemd.
+
+The daemon feeds the same ``Pipeline`` replay feeds, the same way: push
+every chunk read, ``poll()`` so a partial batch waits at most max_wait_s,
+``flush()`` at the end. Decisions therefore equal a replay of the recorded
+input (``daemon.record``) for the windows both emit.
+
+One thread runs the main loop; the transports (paho, serial readers), the
+decision publisher and the metrics endpoint have their own threads and only
+hand data over through bounded queues. Signal handlers only set flags:
+
+- SIGTERM / SIGINT: stop reading, decide what was read (flush), wait up to
+  drain_timeout_s for the outbox to reach the broker, exit 0; rows left in
+  the outbox are sent by the next start.
+- SIGHUP: load the model file again in a background thread and swap it in
+  between two batches; a model that fails to load, or whose windows or
+  modalities differ (the buffered streams would not fit it), is refused and
+  the old one keeps running.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+from edgefuse.runtime import kernels
+from edgefuse.runtime.config import Config
+from edgefuse.runtime.decision import Decision
+from edgefuse.runtime.errors import ConfigError, EdgefuseError, TransportError
+from edgefuse.runtime.health import Health, Notifier
+from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.metrics import DaemonMetrics
+from edgefuse.runtime.pipeline import Pipeline
+from edgefuse.runtime.sinks import JsonlSink, MqttDecisionSink, Sink
+
+log = logging.getLogger(__name__)
+
+BUNDLED_MODEL = "standin_av.onnx"
+SNAPSHOT_PERIOD_S = 1.0
+
+
+def model_path(config: Config) -> Path:
+    if config.model.path:
+        return Path(config.model.path).expanduser()
+    from importlib.resources import files
+    return Path(str(files("edgefuse.models").joinpath("bundled", BUNDLED_MODEL)))
+
+
+def load_model(config: Config) -> OnnxModel:
+    m = config.model
+    return OnnxModel.load(model_path(config), providers=list(m.providers),
+                          require_provider=m.require_provider, intra_op_threads=m.threads)
+
+
+def same_alignment(a, b) -> bool:
+    """True when contract b cuts the same windows from the same streams as a."""
+    def key(c):
+        return (c.window_ns, c.hop_ns,
+                tuple((m.name, m.channels, m.rate_hz) for m in c.modalities))
+    return key(a) == key(b)
+
+
+class Daemon:
+    def __init__(self, config: Config, notifier: Notifier | None = None):
+        self.config = config
+        self.notifier = notifier or Notifier()
+        self.metrics = DaemonMetrics()
+        self.metrics_port: int | None = None
+        self.sources: list = []
+        self.sinks: list[tuple[str, Sink]] = []
+        self.mqtt_sink: MqttDecisionSink | None = None
+        self.pipeline: Pipeline | None = None
+        self.recorder = None
+        self.health = Health(self.notifier)
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._reloaded: list = []            # [OnnxModel | Exception] from the reload thread
+        self._reload_thread: threading.Thread | None = None
+        self._arrivals: deque = deque()      # per pending window: (arrival ns, closing chunk)
+        self._sink_failures = 0
+        self._last_snapshot = 0.0
+        self._trace = None
+
+    # --- control (signal handlers call these: flags only) ------------------
+    def request_stop(self, *_args) -> None:
+        self._stop.set()
+
+    def request_reload(self, *_args) -> None:
+        self._reload.set()
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGHUP, self.request_reload)
+
+    # --- life cycle -----------------------------------------------------
+    def run(self) -> int:
+        """start(), loop until SIGTERM, drain; returns the exit status."""
+        try:
+            self.start()
+            while not self._stop.is_set():
+                self.step()
+            self.drain()
+        finally:
+            self.close()
+        return 0
+
+    def start(self) -> None:
+        cfg = self.config
+        self.notifier.notify("STATUS=loading the model")
+        kernels.warm_up()  # compile or load the Numba cache before the first chunk
+        model = load_model(cfg)
+        self.pipeline = Pipeline(model, cfg.pipeline)
+        self.metrics.set_model(model.contract.ident)
+        self._open_sinks()
+        if cfg.daemon.record:
+            from edgefuse.sensors.mcaplog import McapRecorder
+            self.recorder = McapRecorder(cfg.daemon.record,
+                                         metadata={"recorded_by": "edgefuse run"})
+        if cfg.daemon.latency_trace:
+            self._trace = open(cfg.daemon.latency_trace, "a", encoding="utf-8")  # noqa: SIM115
+        self._open_sources(model)
+        if cfg.metrics.enabled:
+            self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
+        self._wait_connected()
+        self._snapshot()
+        self.metrics.ready.set(1)
+        log.info("ready: model %s, %d source(s), sinks %s", model.contract.ident,
+                 len(self.sources), [name for name, _ in self.sinks])
+        self.notifier.notify("READY=1", f"STATUS=running model {model.contract.ident}")
+
+    def _open_sinks(self) -> None:
+        cfg = self.config
+        if cfg.sink.jsonl.path:
+            self.sinks.append(("jsonl", JsonlSink(cfg.sink.jsonl.path, append=cfg.sink.jsonl.append,
+                                                  fsync=cfg.sink.jsonl.fsync)))
+        if cfg.sink.stdout.enabled:
+            self.sinks.append(("stdout", JsonlSink("-")))
+        s = cfg.sink.mqtt
+        if s.enabled:
+            path = cfg.outbox_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"cannot create the outbox folder {path.parent}: "
+                                  f"{exc.strerror}; set [sink.mqtt] outbox or STATE_DIRECTORY")
+            from edgefuse.runtime.outbox import Outbox
+            outbox = Outbox(path, max_rows=s.max_rows, synchronous=s.synchronous)
+            self.mqtt_sink = MqttDecisionSink(outbox, cfg.decision_mqtt(), topic=s.topic,
+                                              max_inflight=s.max_inflight,
+                                              retry_min_s=s.retry_min_s,
+                                              retry_max_s=s.retry_max_s)
+            self._outbox = outbox
+            self.sinks.append(("mqtt", self.mqtt_sink))
+        if not self.sinks:
+            raise ConfigError("no sink is enabled: decisions would go nowhere; enable "
+                              "[sink.mqtt], [sink.jsonl] path or [sink.stdout]")
+
+    def _open_sources(self, model: OnnxModel) -> None:
+        channels = {m.name: m.channels for m in model.contract.modalities}
+        cfg = self.config.source
+        if cfg.mqtt is not None:
+            from edgefuse.sensors.mqtt_source import MqttSource
+            self.sources.append(MqttSource(cfg.mqtt, channels=channels))
+        for serial_settings in cfg.serial:
+            from edgefuse.sensors.serial_source import SerialSource
+            self.sources.append(SerialSource(serial_settings, channels=channels))
+        if not self.sources:
+            raise ConfigError("no source is configured: enable [source.mqtt] or add a "
+                              "[[source.serial]] table (or pass --mqtt / --serial)")
+        for src in self.sources:
+            src.open()
+
+    def _wait_connected(self) -> None:
+        timeout = self.config.daemon.connect_timeout_s
+        deadline = time.monotonic() + timeout
+        for src in self.sources:
+            wait = getattr(src, "wait_subscribed", None) or getattr(src, "wait_connected")
+            while not wait(min(0.2, max(0.0, deadline - time.monotonic()))):
+                if self._stop.is_set():
+                    raise TransportError("stopped while waiting for the sources to connect")
+                if time.monotonic() >= deadline:
+                    raise TransportError(
+                        f"source {self._source_name(src)} did not connect within {timeout} s; "
+                        "check that the broker/device is there ([daemon] connect_timeout_s)")
+
+    # --- the main loop ----------------------------------------------------
+    def step(self) -> None:
+        """One iteration: read, push, poll, emit, reload, health."""
+        pipeline = self.pipeline
+        out: list[Decision] = []
+        got = 0
+        wait = self.config.daemon.read_timeout_s / len(self.sources)
+        for src in self.sources:
+            chunks = src.read(0.0 if got else wait)
+            got += len(chunks)
+            for chunk in chunks:
+                out += self._push(chunk)
+        out += pipeline.poll()
+        if out:
+            self._emit(out)
+        self.metrics.loops.inc()
+        if self._reload.is_set() or self._reloaded:
+            self._handle_reload()
+        now = time.monotonic()
+        if self.health.due(now):
+            ok = self.health.check(now, self.sources, self._sink_failures)
+            self._sink_failures = 0
+            self.metrics.healthy.set(1 if ok else 0)
+        if now - self._last_snapshot >= SNAPSHOT_PERIOD_S:
+            self._snapshot()
+
+    def _push(self, chunk) -> list[Decision]:
+        arrival = time.monotonic_ns()
+        if self.recorder is not None:
+            self.recorder.write(chunk)
+        before = self.pipeline.pending_windows()
+        decisions = self.pipeline.push(chunk)
+        new = len(decisions) + self.pipeline.pending_windows() - before
+        if new > 0:
+            closing = (arrival, chunk.node, chunk.modality, chunk.seq)
+            self._arrivals.extend([closing] * new)
+        return decisions
+
+    def _emit(self, decisions: list[Decision]) -> None:
+        for name, sink in self.sinks:
+            try:
+                sink.write_many(decisions)
+                if name != "mqtt":
+                    sink.flush()
+            except Exception:  # noqa: BLE001 - one failing sink must not stop the others
+                self._sink_failures += 1
+                self.metrics.sink_errors.labels(name).inc()
+                log.exception("sink %s failed to take %d decision(s)", name, len(decisions))
+        done = time.monotonic_ns()
+        trace = []
+        for d in decisions:
+            arrival, node, modality, seq = self._arrivals.popleft() if self._arrivals \
+                else (done, "", "", -1)
+            self.metrics.latency.observe((done - arrival) / 1e9)
+            if self._trace is not None:
+                trace.append(json.dumps({"node": d.node, "seq": d.seq,
+                                         "window_end_ns": d.window_end_ns,
+                                         "closing": [node, modality, seq],
+                                         "arrival_ns": arrival, "out_ns": done}))
+        if trace:
+            self._trace.write("\n".join(trace) + "\n")
+        self.metrics.observe(decisions, self.pipeline.model.contract.modality_names)
+
+    # --- reload ---------------------------------------------------------------
+    def _handle_reload(self) -> None:
+        if self._reload.is_set() and self._reload_thread is None:
+            self._reload.clear()
+            self.notifier.notify("RELOADING=1", "STATUS=reloading the model")
+            log.info("SIGHUP: reloading %s", model_path(self.config))
+
+            def load() -> None:
+                try:
+                    self._reloaded.append(load_model(self.config))
+                except Exception as exc:  # noqa: BLE001 - reported by the main loop
+                    self._reloaded.append(exc)
+
+            self._reload_thread = threading.Thread(target=load, name="model-reload", daemon=True)
+            self._reload_thread.start()
+        if not self._reloaded:
+            return
+        result = self._reloaded.pop()
+        self._reload_thread = None
+        old = self.pipeline.model
+        if isinstance(result, Exception):
+            self.metrics.reloads.labels("failed").inc()
+            log.error("model reload failed, keeping %s: %s", old.contract.ident, result)
+        elif not same_alignment(old.contract, result.contract):
+            self.metrics.reloads.labels("refused").inc()
+            log.error("model reload refused: %s cuts other windows or modalities than %s; "
+                      "restart the service to change them", result.contract.ident,
+                      old.contract.ident)
+        else:
+            pending = self.pipeline.poll(force=True)  # the old model decides its windows
+            if pending:
+                self._emit(pending)
+            self._swap_model(result)
+            self.metrics.reloads.labels("ok").inc()
+            self.metrics.set_model(result.contract.ident)
+            log.info("model reloaded: %s -> %s", old.contract.ident, result.contract.ident)
+        ident = self.pipeline.model.contract.ident
+        self.notifier.notify("READY=1", f"STATUS=running model {ident}")
+
+    def _swap_model(self, model: OnnxModel) -> None:
+        """Replace the pipeline's model, keeping the aligner state and the per-node
+        decision counters (consumers dedupe on node + seq, so seq must not restart)."""
+        self.pipeline.swap_model(model)
+
+    # --- shutdown ---------------------------------------------------------
+    def drain(self) -> None:
+        """SIGTERM: decide everything read, then give the outbox time to empty."""
+        self.notifier.notify("STOPPING=1", "STATUS=draining")
+        for src in self.sources:
+            src.close()
+        out: list[Decision] = []
+        for src in self.sources:
+            while True:
+                chunks = src.read(0.0)
+                if not chunks:
+                    break
+                for chunk in chunks:
+                    out += self._push(chunk)
+        before = self.pipeline.pending_windows()
+        final = self.pipeline.flush()
+        now = time.monotonic_ns()
+        self._arrivals.extend([(now, "", "", -1)] * max(0, len(final) - before))
+        out += final
+        if out:
+            self._emit(out)
+        if self.mqtt_sink is not None:
+            if not self.mqtt_sink.flush(self.config.daemon.drain_timeout_s):
+                log.warning("%d decision(s) still wait in the outbox; they are sent after the "
+                            "next start", self.mqtt_sink.outbox.depth())
+        self._snapshot()
+        log.info("drained: %s decisions total", sum(
+            v for v in self.pipeline.stats()["fusion"]["decisions"].values()))
+
+    def close(self) -> None:
+        for src in self.sources:
+            try:
+                src.close()
+            except Exception:  # noqa: BLE001 - closing must reach every resource
+                log.exception("closing a source failed")
+        for name, sink in self.sinks:
+            try:
+                sink.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing sink %s failed", name)
+        if self.mqtt_sink is not None:
+            self._outbox.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        if self._trace is not None:
+            self._trace.close()
+        self.metrics.close()
+        self.sources, self.sinks = [], []
+
+    # --- metrics ------------------------------------------------------------
+    @staticmethod
+    def _source_name(src) -> str:
+        s = src.settings
+        if hasattr(s, "device"):
+            return f"serial:{s.device}"
+        return f"mqtt:{s.mqtt.host}:{s.mqtt.port}"
+
+    def _snapshot(self) -> None:
+        self._last_snapshot = time.monotonic()
+        stats = self.pipeline.stats()
+        snap = {"streams": stats["streams"], "aligner": stats["aligner"],
+                "sources": {self._source_name(s): s.stats() for s in self.sources},
+                "pending_windows": self.pipeline.pending_windows()}
+        if self.mqtt_sink is not None:
+            snap["mqtt_sink"] = self.mqtt_sink.stats()
+        self.metrics.update(snap)
+
+
+def run_daemon(config: Config) -> int:
+    """Build, install signal handlers, run; EdgefuseError at start propagates."""
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    try:
+        return daemon.run()
+    except EdgefuseError:
+        daemon.notifier.notify("STATUS=failed to start")
+        raise
