@@ -252,7 +252,7 @@ def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
         raise ConfigError(
             "identification cannot be evaluated without leakage on this data: every vehicle "
             "was driven at one site only, so holding out a day-site leaves its vehicles unseen "
-            "(see /work/notes/issue3.md); no identification model is trained. Use --task "
+            "(see models/README.md); no identification model is trained. Use --task "
             "detection")
     expected = infer_task(model)
     if task != expected:

@@ -5,7 +5,7 @@ Detection: a window is ``vehicle`` when the logged vehicle comes within
 stays farther than ``far_m`` for the whole window (or no vehicle is logged
 and the window is a noise recording), and ignored in between: at 25-100 m a
 vehicle is audible but not seismically visible, so any label there would be
-a guess. See /work/notes/issue3.md for the measurements behind the radii.
+a guess. See models/README.md for the measurements behind the radii.
 
 Times: window times are on the sensor clock (int64 ns); distances come from
 the vehicle's GPS fixes (UTC from the receiver). The run-log labels are late

@@ -6,7 +6,7 @@ samples of each modality on the sensor clock (t0 and the sensor's measured
 rate from the sensor metadata, not the labelled times, which are late by up
 to 1.8 s) and the vehicle-to-node distance track used for labels.
 
-Choices (see /work/notes/issue3.md):
+Choices (see models/README.md):
 - items whose ``window_check.status`` is not ``ok`` (``misplaced``) are skipped:
   their samples are not from the labelled run;
 - a pass uses ``full/`` where it has the modality and ``close/`` otherwise (the
