@@ -42,7 +42,7 @@ from edgefuse.runtime.inference import OnnxModel
 
 log = logging.getLogger(__name__)
 
-DEFAULT_DATA = Path("/work/shared/data/goodvibes")
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "goodvibes"
 TRAIN_HOP_S = {"vehicle": 0.25, "background": 0.5}   # denser cuts of the rarer class
 MODS = (standin.ACOUSTIC, standin.SEISMIC)
 

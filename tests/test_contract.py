@@ -125,7 +125,7 @@ def test_not_json_and_not_an_object_are_refused():
         ModelContract.from_json("[1, 2]", "x.onnx")
 
 
-# contract.py (lead's file) lets these through to Python errors; reported to the lead.
+# Values that once escaped as Python errors (OverflowError, TypeError); now refused cleanly.
 KNOWN_CRASHERS = [
     ("infinite-rate", ["modalities", 0, "rate_hz"], float("inf")),   # round(inf): OverflowError
     ("huge-window", ["window_ns"], 10 ** 400),                       # int -> float OverflowError
