@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +35,7 @@ import onnx
 
 from edgefuse.runtime.contract import METADATA_KEY, FallbackSpec, ModelContract
 from edgefuse.runtime.errors import ConfigError, ModelContractError
+from edgefuse.runtime import info
 from edgefuse.runtime.inference import OnnxModel
 
 log = logging.getLogger(__name__)
@@ -211,19 +211,7 @@ def time_per_window_us(path: str | os.PathLike, batch: int = 1, repeats: int = 2
     model = OnnxModel.load(path)
     if modalities != "all":
         model = model.fallbacks[(modalities,)]
-    c = model.contract
-    rng = np.random.default_rng(0)
-    inputs = {m.name: rng.normal(0, 100, (batch, m.channels, m.samples(c.window_ns)))
-              .astype(np.float32) for m in c.modalities}
-    mask = np.ones((batch, len(c.modalities)), np.float32)
-    for _ in range(5):
-        model.run(inputs, mask)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model.run(inputs, mask)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / batch * 1e6
+    return info.time_per_window_us(model, batch, repeats)
 
 
 def max_output_diff(a: str | os.PathLike, b: str | os.PathLike, n: int = 64,

@@ -38,7 +38,7 @@ from scipy.signal import butter, sosfilt
 from edgefuse.exporters.onnx_export import export, export_with_fallbacks, parity
 from edgefuse.models import BUNDLED_DIR
 from edgefuse.models import standin
-from edgefuse.runtime.inference import OnnxModel
+from edgefuse.exporters.quantize import time_per_window_us
 
 log = logging.getLogger(__name__)
 
@@ -183,22 +183,6 @@ def evaluate(net: standin.FusionNet, feats, has, labels) -> dict[str, dict]:
     return res
 
 
-def per_window_us(path: Path, batch: int = 64, repeats: int = 30) -> float:
-    model = OnnxModel.load(path)
-    c = model.contract
-    rng = np.random.default_rng(0)
-    x = {m.name: (rng.standard_normal((batch, m.channels, m.samples(c.window_ns))) * 100)
-         .astype(np.float32) for m in c.modalities}
-    mask = np.ones((batch, len(c.modalities)), np.float32)
-    model.run(x, mask)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model.run(x, mask)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) / batch * 1e6
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -249,7 +233,7 @@ def main() -> None:
         "parity_max_abs": {"standin_av": parity(net, av_path),
                            "standin_av.seismic": parity(seismic_only, seismic_path),
                            "bench_3m": parity(bench, bench_path)},
-        "us_per_window_batch64_1thread": {p.name: per_window_us(p) for p in
+        "us_per_window_batch64_1thread": {p.name: time_per_window_us(p, 64, 30) for p in
                                           (av_path, seismic_path, bench_path)},
         "bytes": {p.name: p.stat().st_size for p in sorted(args.out.glob("*.onnx"))},
     }

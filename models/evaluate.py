@@ -16,7 +16,6 @@ are abstentions; they count as wrong and are reported (``abstained``).
 from __future__ import annotations
 
 import json
-import time
 from typing import Sequence
 
 import numpy as np
@@ -152,22 +151,6 @@ def format_table(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     return json.dumps(result, indent=2, sort_keys=True)
-
-
-def ort_time_per_window_us(model_path: str, batch: int = 1, repeats: int = 50) -> float:
-    """Median wall time of one ORT call on zero windows (1 intra-op thread), per window."""
-    model = OnnxModel.load(model_path)
-    c = model.contract
-    inputs = {m.name: np.zeros((batch, m.channels, m.samples(c.window_ns)), np.float32)
-              for m in c.modalities}
-    mask = np.ones((batch, len(c.modalities)), np.float32)
-    model.run(inputs, mask)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model.run(inputs, mask)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times)) / batch * 1e6
 
 
 def subset_names(modalities: Sequence[str]) -> list[str]:

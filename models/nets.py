@@ -18,7 +18,7 @@ features once per dataset; the exported graph runs both.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn

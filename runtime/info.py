@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import time
 
+import numpy as np
 import onnxruntime as ort
 
 from edgefuse.runtime.inference import OnnxModel
@@ -84,3 +86,22 @@ def describe(model: OnnxModel) -> str:
     lines.append(f"provider    {d['provider']} (available: {', '.join(d['providers_available'])};"
                  f" onnxruntime {d['onnxruntime']})")
     return "\n".join(lines)
+
+
+def time_per_window_us(model: OnnxModel, batch: int = 64, repeats: int = 30,
+                       warmup: int = 5) -> float:
+    """Median wall time of one ONNX Runtime call on random windows (sensor-count
+    scale), divided by the batch size, in microseconds."""
+    c = model.contract
+    rng = np.random.default_rng(0)
+    inputs = {m.name: rng.normal(0, 100, (batch, m.channels, m.samples(c.window_ns)))
+              .astype(np.float32) for m in c.modalities}
+    mask = np.ones((batch, len(c.modalities)), np.float32)
+    for _ in range(warmup):
+        model.run(inputs, mask)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model.run(inputs, mask)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times)) / batch * 1e6

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgefuse.models.commands import build_parser
-from edgefuse.runtime.errors import ConfigError, EdgefuseError, InputError
+from edgefuse.runtime.errors import ConfigError, InputError
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
