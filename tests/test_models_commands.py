@@ -189,3 +189,23 @@ def test_bundled_har_model_evaluates_on_its_held_out_fixture_subject(tmp_path, c
     doc = json.loads(capsys.readouterr().out)
     assert doc["task"] == "activity" and doc["split_keys"] == ["s03", "s08", "s13", "s15"]
     assert "without:imu_watch" in doc["conditions"]
+
+
+def test_training_twice_with_one_seed_gives_the_same_weights(tmp_path):
+    """Fixed seeds: two runs of the same config produce identical checkpoints."""
+    torch = pytest.importorskip("torch")
+    os.environ["EDGEFUSE_CACHE"] = str(tmp_path / "cache")
+    try:
+        weights = []
+        for run in ("a", "b"):
+            cfg = tmp_path / f"{run}.toml"
+            cfg.write_text(SMOKE_CONFIG.format(data=DATA, out=tmp_path / run, fusion="late")
+                           .replace("epochs = 2", "epochs = 1"))
+            assert run_cli(["train", str(cfg)]) == 0
+            ckpt = torch.load(tmp_path / run / "checkpoint.pt", weights_only=True)
+            weights.append(ckpt["state_dict"])
+    finally:
+        os.environ.pop("EDGEFUSE_CACHE", None)
+    assert weights[0].keys() == weights[1].keys()
+    for name in weights[0]:
+        assert torch.equal(weights[0][name], weights[1][name]), name
