@@ -48,6 +48,7 @@ class AlignerConfig:
     rate_history: int = 32                  # chunks used to estimate an unknown rate
     antialias: bool = True                  # low-pass before decimating
     ring_extra_s: float = 1.0               # ring slack beyond window + waits
+    max_nodes: int = 1000                   # nodes tracked at once (each holds its rings)
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,6 +61,7 @@ class AlignerConfig:
             ("max_pending_chunks", 1 <= self.max_pending_chunks <= 100_000, "1..100000"),
             ("rate_history", 2 <= self.rate_history <= 10_000, "2..10000"),
             ("ring_extra_s", 0.0 <= self.ring_extra_s <= 600.0, "0..600 s"),
+            ("max_nodes", 1 <= self.max_nodes <= 1_000_000, "1..1000000"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -88,7 +90,8 @@ class Aligner:
         self._out: list[Window] = []
         self._stats = np.zeros(6)  # scratch for the window-stats kernel
         self.counters = {"windows": 0, "empty_windows_skipped": 0, "forced_windows": 0,
-                         "unknown_modality_chunks": 0, "wrong_channel_chunks": 0}
+                         "unknown_modality_chunks": 0, "wrong_channel_chunks": 0,
+                         "too_many_nodes_chunks": 0}
 
     # -- public -----------------------------------------------------------
     def push(self, chunk: Chunk) -> list[Window]:
@@ -103,6 +106,15 @@ class Aligner:
             return []
         node = self._nodes.get(chunk.node)
         if node is None:
+            if len(self._nodes) >= self.config.max_nodes:
+                # A flood of node names (a misconfigured or hostile sender) must not
+                # grow memory without bound: refuse new nodes, count them.
+                self.counters["too_many_nodes_chunks"] += 1
+                if self.counters["too_many_nodes_chunks"] == 1:
+                    log.warning("node %r refused: already tracking max_nodes=%d nodes; raise "
+                                "aligner.max_nodes if this many are real", chunk.node,
+                                self.config.max_nodes)
+                return []
             node = self._nodes[chunk.node] = _Node(chunk.node)
         stream = node.streams.get(chunk.modality)
         if stream is None:

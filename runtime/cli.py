@@ -16,17 +16,9 @@ from pathlib import Path
 
 from edgefuse.runtime import __version__
 from edgefuse.runtime.errors import EdgefuseError
+from edgefuse.runtime.info import DEFAULT_MODEL, bundled_model_path
 
 log = logging.getLogger("edgefuse")
-
-DEFAULT_MODEL = "gv_detect.onnx"
-
-
-def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
-    """A model shipped in edgefuse.models/bundled (no torch import involved)."""
-    from importlib.resources import files
-    return Path(str(files("edgefuse.models").joinpath("bundled", name)))
-
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,

@@ -41,7 +41,7 @@ MAX_CONFIG_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class ModelSettings:
-    path: str = ""                       # "" -> the bundled stand-in model
+    path: str = ""                       # "" -> the bundled default model (gv_detect)
     providers: tuple[str, ...] = ("cpu",)
     require_provider: bool = False
     threads: int = 1

@@ -33,21 +33,20 @@ from edgefuse.runtime.decision import Decision
 from edgefuse.runtime.errors import ConfigError, EdgefuseError, TransportError
 from edgefuse.runtime.health import Health, Notifier
 from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.info import bundled_model_path
 from edgefuse.runtime.metrics import DaemonMetrics
 from edgefuse.runtime.pipeline import Pipeline
 from edgefuse.runtime.sinks import JsonlSink, MqttDecisionSink, Sink
 
 log = logging.getLogger(__name__)
 
-BUNDLED_MODEL = "standin_av.onnx"
 SNAPSHOT_PERIOD_S = 1.0
 
 
 def model_path(config: Config) -> Path:
     if config.model.path:
         return Path(config.model.path).expanduser()
-    from importlib.resources import files
-    return Path(str(files("edgefuse.models").joinpath("bundled", BUNDLED_MODEL)))
+    return bundled_model_path()
 
 
 def load_model(config: Config) -> OnnxModel:

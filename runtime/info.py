@@ -3,11 +3,20 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from edgefuse.runtime.inference import OnnxModel
+
+DEFAULT_MODEL = "gv_detect.onnx"
+
+
+def bundled_model_path(name: str = DEFAULT_MODEL) -> Path:
+    """A model shipped in edgefuse.models/bundled (found without importing torch)."""
+    from importlib.resources import files
+    return Path(str(files("edgefuse.models").joinpath("bundled", name)))
 
 
 def describe_dict(model: OnnxModel) -> dict:

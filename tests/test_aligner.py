@@ -218,3 +218,14 @@ def test_empty_and_config_errors():
     assert aligner.flush() == []
     with pytest.raises(ConfigError, match="min_coverage"):
         AlignerConfig(min_coverage=0.0)
+
+
+def test_node_count_is_bounded_and_refusals_counted():
+    c = contract()
+    aligner = Aligner(c, AlignerConfig(max_nodes=3))
+    for i in range(10):
+        chunks, _ = stream_chunks(f"n{i}", "a", 400.0, 0.5, 100)
+        for ch in chunks:
+            aligner.push(ch)
+    assert len(aligner._nodes) == 3
+    assert aligner.stats()["aligner"]["too_many_nodes_chunks"] == 7 * 2
