@@ -120,12 +120,7 @@ def _convert_one(src: Path, dst: Path, mode: str, keep_frontend: bool,
                               "model's training data); use int8 (dynamic) without them")
         contract = ModelContract.from_json(dict(meta)[METADATA_KEY], str(src))
         with tempfile.TemporaryDirectory() as tmp:
-            named = Path(tmp) / "in.onnx"
-            for i, n in enumerate(model.graph.node):
-                if not n.name:
-                    n.name = f"{n.op_type}_{i}"
-            exclude = _frontend_nodes(model) if keep_frontend else []
-            onnx.save(model, str(named))
+            named, exclude = _named_copy(model, Path(tmp), keep_frontend)
             quantize_static(str(named), str(dst), _Calibration(contract, calibration),
                             quant_format=QuantFormat.QDQ, per_channel=True,
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
@@ -135,13 +130,7 @@ def _convert_one(src: Path, dst: Path, mode: str, keep_frontend: bool,
     elif mode == "int8":
         from onnxruntime.quantization import QuantType, quantize_dynamic
         with tempfile.TemporaryDirectory() as tmp:
-            # quantize_dynamic wants a path; a model without node names gets them here
-            named = Path(tmp) / "in.onnx"
-            for i, n in enumerate(model.graph.node):
-                if not n.name:
-                    n.name = f"{n.op_type}_{i}"
-            exclude = _frontend_nodes(model) if keep_frontend else []
-            onnx.save(model, str(named))
+            named, exclude = _named_copy(model, Path(tmp), keep_frontend)
             quantize_dynamic(str(named), str(dst), weight_type=QuantType.QInt8,
                              op_types_to_quantize=["Conv", "MatMul", "Gemm"],
                              nodes_to_exclude=exclude)
@@ -202,6 +191,20 @@ def quantize_model(src: str | os.PathLike, dst: str | os.PathLike | None = None,
     written.insert(0, str(dst))
     log.info("wrote %s variant of %s: %s", mode, src, written)
     return written
+
+
+def _named_copy(model: "onnx.ModelProto", tmp: Path, keep_frontend: bool
+                ) -> tuple[Path, list[str]]:
+    """Save model under tmp for the ORT quantizers (they want a path), naming any
+    unnamed node so the front end can be excluded by name; returns the path and
+    the names of the nodes to keep in float."""
+    named = tmp / "in.onnx"
+    for i, n in enumerate(model.graph.node):
+        if not n.name:
+            n.name = f"{n.op_type}_{i}"
+    exclude = _frontend_nodes(model) if keep_frontend else []
+    onnx.save(model, str(named))
+    return named, exclude
 
 
 def time_per_window_us(path: str | os.PathLike, batch: int = 1, repeats: int = 200,

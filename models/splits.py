@@ -38,20 +38,25 @@ def split_by_day_site(ws: WindowSet, test: tuple[str, ...], val: tuple[str, ...]
 
     `usable` (bool [N]) drops windows from every side (e.g. windows with no modality).
     Unknown keys are refused with the list of known ones."""
-    keys = day_site_keys(ws)
+    split = _split_by_keys(day_site_keys(ws), "day-site", test, val, usable)
+    check_no_leakage(ws, split)
+    return split
+
+
+def _split_by_keys(keys: np.ndarray, what: str, test: tuple[str, ...], val: tuple[str, ...],
+                   usable: np.ndarray | None) -> Split:
+    """Every window goes to the side of its key; unknown or doubly used keys are refused."""
     known = sorted(set(keys.tolist()))
     for k in (*test, *val):
         if k not in known:
-            raise ConfigError(f"split key {k!r} is not a day-site of this dataset; known: {known}")
+            raise ConfigError(f"split key {k!r} is not a {what} of this dataset; known: {known}")
     if set(test) & set(val):
-        raise ConfigError(f"a day-site cannot be both test and val: {sorted(set(test) & set(val))}")
-    ok = np.ones(len(ws), bool) if usable is None else np.asarray(usable, bool)
+        raise ConfigError(f"a {what} cannot be both test and val: {sorted(set(test) & set(val))}")
+    ok = np.ones(len(keys), bool) if usable is None else np.asarray(usable, bool)
     is_test = np.isin(keys, list(test))
     is_val = np.isin(keys, list(val))
-    split = Split(np.flatnonzero(ok & ~is_test & ~is_val), np.flatnonzero(ok & is_val),
-                  np.flatnonzero(ok & is_test), tuple(test), tuple(val))
-    check_no_leakage(ws, split)
-    return split
+    return Split(np.flatnonzero(ok & ~is_test & ~is_val), np.flatnonzero(ok & is_val),
+                 np.flatnonzero(ok & is_test), tuple(test), tuple(val))
 
 
 def check_no_leakage(ws: WindowSet, split: Split) -> None:
@@ -94,17 +99,7 @@ def split_by_column(ws: WindowSet, column: str, test: tuple[str, ...],
         raise ConfigError(f"split column {column!r} is not in this dataset; "
                           f"known: {sorted(ws.meta)}")
     keys = ws.meta[column].astype(str)
-    known = sorted(set(keys.tolist()))
-    for k in (*test, *val):
-        if k not in known:
-            raise ConfigError(f"split key {k!r} is not a {column} of this dataset; known: {known}")
-    if set(test) & set(val):
-        raise ConfigError(f"a {column} cannot be both test and val: {sorted(set(test) & set(val))}")
-    ok = np.ones(len(ws), bool) if usable is None else np.asarray(usable, bool)
-    is_test = np.isin(keys, list(test))
-    is_val = np.isin(keys, list(val))
-    split = Split(np.flatnonzero(ok & ~is_test & ~is_val), np.flatnonzero(ok & is_val),
-                  np.flatnonzero(ok & is_test), tuple(test), tuple(val))
+    split = _split_by_keys(keys, column, test, val, usable)
     sides = {"train": split.train, "val": split.val, "test": split.test}
     for what, col in (("event group", ws.meta["group"].astype(str)), (column, keys)):
         seen: dict[str, str] = {}

@@ -84,7 +84,6 @@ class StreamState:
         self._prev = np.zeros(spec.channels, np.float64)
         self._prev_pos = 0.0
         self._has_prev = False
-        self._last_rate = 0.0
         self._pending: list[_Pending] = []
         self._max_seen_t0 = -(1 << 62)
         self._recent_seqs: deque[int] = deque(maxlen=64)
@@ -236,7 +235,6 @@ class StreamState:
         piece = max(1, int((self.cap - self.window_samples) / 2 / step))
         for lo in range(0, x.shape[0], piece):
             self._write(x[lo:lo + piece], p0 + lo * step, step)
-        self._last_rate = rate
         self.end_ns = chunk.t0_ns + int(round(chunk.n * 1e9 / rate))
 
     def _start_segment(self, t0_ns: int) -> None:
