@@ -19,8 +19,10 @@ Measured per run (the first ``--warmup-s`` excluded):
   (adds the broker hop and any wait in the daemon's input queue);
   ``e2e_mqtt``: the node published that chunk -> a subscriber received the
   decision from the broker (everything);
-- CPU of the daemon (utime+stime from /proc/PID/stat) per node, in % of one
-  core; its RSS (VmRSS) and peak (VmHWM); the machine's load average;
+- CPU of the daemon and its MQTT receiver process (utime+stime from
+  /proc/PID/stat, summed) per node, in % of one core; the daemon's RSS (VmRSS)
+  and peak (VmHWM), the receiver's RSS, and the PSS of both together (shared
+  pages counted once); the machine's load average;
 - drops: chunks published vs decoded by the daemon, queue-full drops,
   aligner drops (late, duplicate, reorder overflow), malformed messages.
 
@@ -143,6 +145,31 @@ def proc_cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of pid (the MQTT receiver process of the daemon)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def tree_cpu_s(pid: int) -> float:
+    return sum(proc_cpu_s(p) for p in [pid, *children(pid)])
+
+
+def proc_pss_mb(pid: int) -> float:
+    """Proportional set size: shared pages split among the processes sharing them."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def proc_mem_mb(pid: int) -> tuple[float, float]:
     rss = hwm = 0.0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -237,13 +264,18 @@ def run_once(nodes: int, args, workdir: Path) -> dict:
                  "--start-delay-s", "1.0", "--log", str(workdir / f"pub-{nodes}-{i}.npy")],
                 env=env))
         time.sleep(1.0 + args.warmup_s)
+        kids = children(daemon.pid)
         cpu0, t0 = proc_cpu_s(daemon.pid), time.monotonic()
+        kid0 = sum(proc_cpu_s(k) for k in kids)
         time.sleep(max(1.0, args.seconds - args.warmup_s - 1.0))
         cpu1, t1 = proc_cpu_s(daemon.pid), time.monotonic()
+        kid1 = sum(proc_cpu_s(k) for k in kids)
         for p in pubs:
             p.wait(120)
         time.sleep(2.0)  # let the last chunks and decisions through
         rss, hwm = proc_mem_mb(daemon.pid)
+        kid_rss = sum(proc_mem_mb(k)[0] for k in kids)
+        pss = sum(proc_pss_mb(p) for p in [daemon.pid, *kids])
         m = scrape(metrics_port)
     finally:
         for p in pubs:
@@ -292,9 +324,11 @@ def run_once(nodes: int, args, workdir: Path) -> dict:
                               "n": len(v)}
                        for name, v in (("daemon", lat_daemon), ("e2e_outbox", lat_outbox),
                                        ("e2e_mqtt", lat_mqtt))},
-        "cpu_pct_of_core": 100 * (cpu1 - cpu0) / (t1 - t0),
-        "cpu_pct_per_node": 100 * (cpu1 - cpu0) / (t1 - t0) / nodes,
-        "rss_mb": rss, "peak_rss_mb": hwm, "drops": drops,
+        "cpu_pct_of_core": 100 * (cpu1 - cpu0 + kid1 - kid0) / (t1 - t0),
+        "cpu_pct_per_node": 100 * (cpu1 - cpu0 + kid1 - kid0) / (t1 - t0) / nodes,
+        "cpu_pct_receiver": 100 * (kid1 - kid0) / (t1 - t0),
+        "rss_mb": rss, "peak_rss_mb": hwm, "receiver_rss_mb": kid_rss, "pss_total_mb": pss,
+        "drops": drops,
         "outbox_depth_end": m.get("edgefuse_outbox_depth"),
         "loadavg": os.getloadavg(), "realtime_no_drop": bool(realtime),
     }
@@ -336,10 +370,14 @@ def main() -> None:
                   f"  e2e(outbox) {_fmt(lat['e2e_outbox']['p50'])}/"
                   f"{_fmt(lat['e2e_outbox']['p99'])} ms"
                   f"  e2e(mqtt) {_fmt(lat['e2e_mqtt']['p50'])}/{_fmt(lat['e2e_mqtt']['p99'])} ms"
-                  f"  cpu {r['cpu_pct_of_core']:.0f}% ({r['cpu_pct_per_node']:.2f}%/node)"
+                  f"  cpu {r['cpu_pct_of_core']:.0f}% ({r['cpu_pct_per_node']:.2f}%/node,"
+                  f" receiver {r['cpu_pct_receiver']:.0f}%)"
                   f"  rss {r['rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
+                  f" + receiver {r['receiver_rss_mb']:.0f} MB, pss {r['pss_total_mb']:.0f} MB"
                   f"  chunks {r['chunks_decoded']}/{r['chunks_published']}"
-                  f"  drops {sum(r['drops'].values()):.0f}  realtime={r['realtime_no_drop']}"
+                  f"  drops {sum(r['drops'].values()):.0f}"
+                  f" {({k.split('_', 1)[1]: v for k, v in r['drops'].items() if v}) or ''}"
+                  f"  realtime={r['realtime_no_drop']}"
                   f"  load {r['loadavg'][0]:.1f}", file=sys.stderr, flush=True)
             if n in search and not r["realtime_no_drop"]:
                 break

@@ -34,6 +34,9 @@ class Chunk:
     seq: int
     full_scale: float | None = None
     rate_is_nominal: bool = field(default=False, compare=False)
+    # CLOCK_MONOTONIC ns at which a live source received the chunk (None offline);
+    # the daemon measures decision latency from it. Not data: not compared.
+    received_ns: int | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         s = self.samples

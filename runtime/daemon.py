@@ -163,8 +163,8 @@ class Daemon:
         channels = {m.name: m.channels for m in model.contract.modalities}
         cfg = self.config.source
         if cfg.mqtt is not None:
-            from edgefuse.sensors.mqtt_source import MqttSource
-            self.sources.append(MqttSource(cfg.mqtt, channels=channels))
+            from edgefuse.sensors.mqtt_source import make_mqtt_source
+            self.sources.append(make_mqtt_source(cfg.mqtt, channels=channels))
         for serial_settings in cfg.serial:
             from edgefuse.sensors.serial_source import SerialSource
             self.sources.append(SerialSource(serial_settings, channels=channels))
@@ -214,7 +214,9 @@ class Daemon:
             self._snapshot()
 
     def _push(self, chunk) -> list[Decision]:
-        arrival = time.monotonic_ns()
+        # Latency counts from the source's receipt (the MQTT receiver process stamps
+        # it), so time spent in the input queues is included.
+        arrival = chunk.received_ns or time.monotonic_ns()
         if self.recorder is not None:
             self.recorder.write(chunk)
         before = self.pipeline.pending_windows()

@@ -52,15 +52,6 @@ def watchdog_interval_s() -> float | None:
     return value / 1e6 if value > 0 else None
 
 
-def source_alive(source) -> bool:
-    """True while a source's transport thread runs (paho's loop, the serial reader)."""
-    thread = getattr(source, "_thread", None)           # SerialSource
-    client = getattr(source, "_client", None)           # MqttSource: paho's network thread
-    if client is not None:
-        thread = getattr(client, "_thread", None)
-    return thread is None or thread.is_alive()
-
-
 class Health:
     """The main loop's own check; see the module docstring."""
 
@@ -89,7 +80,7 @@ class Health:
         """Decide health; send WATCHDOG=1 when healthy."""
         self._last_check = now
         reasons = [f"source {i} transport thread died" for i, s in enumerate(sources)
-                   if not source_alive(s)]
+                   if not s.alive]
         if sink_failures:
             reasons.append(f"{sink_failures} sink failure(s) since the last check")
         if reasons != self.reasons and reasons:

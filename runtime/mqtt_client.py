@@ -71,6 +71,24 @@ class MqttSettings:
         return self.client_id or f"edgefuse-{role}-{socket.gethostname()}-{os.getpid()}"
 
 
+def load_secrets(settings: MqttSettings) -> tuple[str | None, ssl.SSLContext | None]:
+    """The password and TLS context the settings name; ConfigError when a file is missing.
+
+    Called by make_client, and by the MQTT source before it starts its receiver
+    process, so that a bad secret fails ``open()`` with the same error either way.
+    """
+    password = None
+    if settings.username is not None and settings.password_secret is not None:
+        password = read_secret(settings.password_secret)
+    context = None
+    if settings.tls_ca_file is not None:
+        context = ssl.create_default_context(cafile=secret_file(settings.tls_ca_file))
+        if settings.tls_cert_file is not None:
+            context.load_cert_chain(secret_file(settings.tls_cert_file),
+                                    secret_file(settings.tls_key_file))
+    return password, context
+
+
 def make_client(settings: MqttSettings, role: str) -> mqtt.Client:
     """A paho client with protocol, clean start, auth, TLS and reconnect delays set.
 
@@ -81,14 +99,10 @@ def make_client(settings: MqttSettings, role: str) -> mqtt.Client:
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
                          client_id=settings.resolved_client_id(role),
                          protocol=protocol, **kwargs)
+    password, context = load_secrets(settings)
     if settings.username is not None:
-        password = None if settings.password_secret is None else read_secret(settings.password_secret)
         client.username_pw_set(settings.username, password)
-    if settings.tls_ca_file is not None:
-        context = ssl.create_default_context(cafile=secret_file(settings.tls_ca_file))
-        if settings.tls_cert_file is not None:
-            context.load_cert_chain(secret_file(settings.tls_cert_file),
-                                    secret_file(settings.tls_key_file))
+    if context is not None:
         client.tls_set_context(context)
     client.reconnect_delay_set(settings.reconnect_min_s, settings.reconnect_max_s)
     return client

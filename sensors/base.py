@@ -17,40 +17,23 @@ import json
 import logging
 import queue
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 
 from edgefuse.runtime import wire
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError, WireFormatError
+from edgefuse.sensors.accounting import (  # noqa: F401 - re-exported for the sources
+    BAD_BINARY, BAD_CRC, BAD_CSV, BAD_DTYPE, BAD_FIELDS, BAD_FRAME, BAD_HEADER, BAD_JSON,
+    BAD_TOPIC, TRUNCATED, UNKNOWN_MODALITY, WRONG_CHANNELS, Counters, RejectedPayload,
+    unknown_modality,
+)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_QUEUE_MAX = 1024
 MAX_READ_BATCH = 4096  # read() never returns more than this many chunks at once
-
-# Why an incoming message was skipped (keys of stats()["malformed"]).
-BAD_TOPIC = "bad_topic"                # MQTT topic does not match the pattern
-UNKNOWN_MODALITY = "unknown_modality"  # modality not in the allowed set
-WRONG_CHANNELS = "wrong_channels"      # channel count differs from the configured one
-BAD_JSON = "bad_json"                  # JSON does not parse
-BAD_FIELDS = "bad_fields"              # JSON parses but a chunk field is missing/invalid
-BAD_HEADER = "bad_header"              # binary header: wrong version/channels
-BAD_DTYPE = "bad_dtype"                # binary header: unknown dtype code
-TRUNCATED = "truncated"                # binary body shorter than its header says; partial frame
-BAD_BINARY = "bad_binary"              # binary header values out of range (rate ...)
-BAD_CSV = "bad_csv"                    # CSV line without modality,t_ns,values or non-numeric
-BAD_FRAME = "bad_frame"                # serial frame header CRC/length/name invalid
-BAD_CRC = "bad_crc"                    # serial frame body CRC mismatch
-
-
-class RejectedPayload(WireFormatError):
-    """A message was refused; ``reason`` is one of the constants above."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
-
 
 def classify_wire_error(payload: bytes) -> str:
     """Name the reason a payload failed runtime.wire decoding (called on errors only)."""
@@ -86,10 +69,7 @@ class ChunkValidator:
 
     def check_modality(self, modality: str) -> None:
         if self.allowed is not None and modality not in self.allowed:
-            raise RejectedPayload(
-                UNKNOWN_MODALITY,
-                f"modality {modality!r} is not one of {sorted(self.allowed)}; "
-                "fix the sender or add it to allowed_modalities")
+            raise unknown_modality(modality, self.allowed)
 
     def check_chunk(self, chunk: Chunk) -> Chunk:
         self.check_modality(chunk.modality)
@@ -118,36 +98,6 @@ class ChunkValidator:
             raise RejectedPayload(classify_wire_error(payload),
                                   f"{node}/{modality}: {type(exc).__name__}: {exc}") from exc
         return self.check_chunk(chunk)
-
-
-class Counters:
-    """Thread-safe counters: plain names plus ``malformed`` by reason."""
-
-    def __init__(self, names: Iterable[str]):
-        self._lock = threading.Lock()
-        self._plain = {name: 0 for name in names}
-        self._malformed: dict[str, int] = {}
-
-    def add(self, name: str, n: int = 1) -> int:
-        """Count; returns the value before adding."""
-        with self._lock:
-            before = self._plain.get(name, 0)
-            self._plain[name] = before + n
-        return before
-
-    def malformed(self, reason: str, n: int = 1) -> bool:
-        """Count; True the first time this reason is seen (log that one loudly)."""
-        with self._lock:
-            seen = self._malformed.get(reason, 0)
-            self._malformed[reason] = seen + n
-        return seen == 0
-
-    def snapshot(self) -> dict:
-        with self._lock:
-            out: dict = dict(self._plain)
-            out["malformed"] = dict(self._malformed)
-        out["malformed_total"] = sum(out["malformed"].values())
-        return out
 
 
 class Source(ABC):
@@ -183,6 +133,13 @@ class Source(ABC):
     def connected(self) -> bool:
         """True while the transport is up (broker session, open serial port)."""
 
+    @property
+    def alive(self) -> bool:
+        """False when the transport died and will not recover by itself: the
+        daemon's health check then stops the watchdog pings and systemd restarts
+        the service. A lost connection that is being retried is alive."""
+        return True
+
     def read(self, timeout_s: float) -> list[Chunk]:
         """Chunks that arrived, oldest first; waits up to timeout_s for the first one."""
         if not self._opened:
@@ -213,8 +170,13 @@ class Source(ABC):
         self.close()
 
     # --- for transport threads ------------------------------------------
-    def _offer(self, chunk: Chunk) -> None:
-        """Enqueue without blocking; when full, drop the oldest chunk (counted)."""
+    def _offer(self, chunk: Chunk, received_ns: int | None = None) -> None:
+        """Stamp the arrival time, enqueue without blocking; when full, drop the
+        oldest chunk (counted)."""
+        # The chunk is ours until it is queued: stamping the frozen dataclass here
+        # is the one write after construction (received_ns is not compared).
+        object.__setattr__(chunk, "received_ns",
+                           time.monotonic_ns() if received_ns is None else received_ns)
         with self._offer_lock:  # several producers must not interleave drop+put
             while True:
                 try:

@@ -15,7 +15,6 @@ ignored and counted in ``ignored``.
 from __future__ import annotations
 
 import logging
-import re
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -27,50 +26,13 @@ from edgefuse.runtime.errors import ConfigError
 from edgefuse.sensors.base import (
     BAD_TOPIC, DEFAULT_QUEUE_MAX, ChunkValidator, RejectedPayload, Source,
 )
+from edgefuse.sensors.topics import (  # noqa: F401 - TopicPattern is part of this API
+    DEFAULT_PATTERN, RESERVED_MODALITIES, TopicPattern,
+)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PATTERN = "edgefuse/{node}/{modality}"
-RESERVED_MODALITIES = frozenset({"decisions"})
-
-
-class TopicPattern:
-    """``a/{node}/{modality}`` <-> subscription filter ``a/+/+`` and a parser."""
-
-    def __init__(self, pattern: str):
-        levels = pattern.split("/")
-        if levels.count("{node}") != 1 or levels.count("{modality}") != 1:
-            raise ConfigError(f"topic pattern must hold {{node}} and {{modality}} once each, as "
-                              f"whole levels (e.g. {DEFAULT_PATTERN!r}); found {pattern!r}")
-        regex, filt = [], []
-        for level in levels:
-            if level in ("{node}", "{modality}"):
-                regex.append(f"(?P<{level[1:-1]}>[^/]+)")
-                filt.append("+")
-            elif level == "+":
-                regex.append("[^/]+")
-                filt.append("+")
-            elif not level or any(c in level for c in "#+{}"):
-                raise ConfigError(f"topic pattern level {level!r} in {pattern!r} must be a "
-                                  "literal, '+', '{node}' or '{modality}' ('#' is not supported)")
-            else:
-                regex.append(re.escape(level))
-                filt.append(level)
-        self.pattern = pattern
-        self.filter = "/".join(filt)
-        self._regex = re.compile("/".join(regex) + r"\Z")
-
-    def parse(self, topic: str) -> tuple[str, str]:
-        match = self._regex.match(topic)
-        if match is None:
-            raise RejectedPayload(BAD_TOPIC, f"topic {topic!r} does not match {self.pattern!r}")
-        return match["node"], match["modality"]
-
-    def topic(self, node: str, modality: str) -> str:
-        """The topic a sender of (node, modality) publishes to."""
-        if "+" in self.pattern.split("/"):
-            raise ConfigError(f"pattern {self.pattern!r} has '+' levels; cannot build a topic")
-        return self.pattern.format(node=node, modality=modality)
+RECEIVERS = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -82,8 +44,14 @@ class MqttSourceSettings:
     allowed_modalities: tuple[str, ...] | None = None
     channels: Mapping[str, int] | None = None
     queue_max: int = DEFAULT_QUEUE_MAX
+    # "process": paho's network loop in a child process (sensors.mqtt_receiver), off
+    # the daemon's GIL; "thread": in this process, as paho's own thread.
+    receiver: str = "process"
 
     def __post_init__(self) -> None:
+        if self.receiver not in RECEIVERS:
+            raise ConfigError(f"mqtt source receiver must be one of {list(RECEIVERS)}, "
+                              f"found {self.receiver!r}")
         if self.qos not in (0, 1):
             raise ConfigError(f"mqtt source qos must be 0 or 1, found {self.qos!r}")
         if not 64 <= self.max_payload_bytes <= 64 << 20:
@@ -142,6 +110,11 @@ class MqttSource(Source):
         mqtt_client.start(client, self.settings.mqtt)
         log.info("MQTT source connecting to %s:%d, topic filter %r", self.settings.mqtt.host,
                  self.settings.mqtt.port, self.topics.filter)
+
+    @property
+    def alive(self) -> bool:
+        thread = None if self._client is None else getattr(self._client, "_thread", None)
+        return thread is None or thread.is_alive()  # paho's network thread
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """True once the broker acknowledged the current session's subscription."""
@@ -208,3 +181,13 @@ class MqttSource(Source):
             return
         self._counters.add("decoded")
         self._offer(chunk)
+
+
+def make_mqtt_source(settings: MqttSourceSettings, *,
+                     allowed_modalities: Iterable[str] | None = None,
+                     channels: Mapping[str, int] | None = None) -> Source:
+    """The MQTT source the settings' ``receiver`` names (same interface, same counters)."""
+    if settings.receiver == "thread":
+        return MqttSource(settings, allowed_modalities=allowed_modalities, channels=channels)
+    from edgefuse.sensors.mqtt_process import MqttProcessSource  # imports this module
+    return MqttProcessSource(settings, allowed_modalities=allowed_modalities, channels=channels)

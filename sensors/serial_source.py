@@ -109,6 +109,11 @@ class SerialSource(Source):
     def connected(self) -> bool:
         return self._port_open.is_set()
 
+    @property
+    def alive(self) -> bool:
+        thread = self._thread
+        return thread is None or thread.is_alive()
+
     def open(self) -> None:
         if self._thread is not None:
             return

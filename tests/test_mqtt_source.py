@@ -14,7 +14,10 @@ from edgefuse.runtime.credentials import read_secret
 from edgefuse.runtime.errors import ConfigError, TransportError
 from edgefuse.runtime.mqtt_client import MqttSettings
 from edgefuse.sensors.base import BAD_TOPIC, RejectedPayload
-from edgefuse.sensors.mqtt_source import MqttSource, MqttSourceSettings, TopicPattern
+from edgefuse.sensors.base import Source
+from edgefuse.sensors.mqtt_source import (
+    MqttSource, MqttSourceSettings, TopicPattern, make_mqtt_source,
+)
 
 from tests.conftest import Mosquitto, publish, wait_until
 
@@ -35,10 +38,17 @@ def assert_same_chunk(got: Chunk, want: Chunk) -> None:
     np.testing.assert_array_equal(got.samples, want.samples)
 
 
-def source_for(broker: Mosquitto, **kwargs) -> MqttSource:
+@pytest.fixture(params=["process", "thread"])
+def receiver(request) -> str:
+    """Every MQTT source test runs with both receivers (sensors.mqtt_process and
+    the in-process paho thread): one contract, two transports."""
+    return request.param
+
+
+def source_for(broker: Mosquitto, receiver: str = "process", **kwargs) -> Source:
     mqtt = MqttSettings(host=broker.host, port=broker.port, reconnect_min_s=0.1,
                         reconnect_max_s=1.0, **kwargs.pop("mqtt", {}))
-    return MqttSource(MqttSourceSettings(mqtt=mqtt, **kwargs))
+    return make_mqtt_source(MqttSourceSettings(mqtt=mqtt, receiver=receiver, **kwargs))
 
 
 def read_n(source: MqttSource, n: int, timeout_s: float = 5.0) -> list[Chunk]:
@@ -55,13 +65,13 @@ def topic(node, modality):
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_json_and_binary_payloads_arrive_as_equal_chunks(broker, protocol):
+def test_json_and_binary_payloads_arrive_as_equal_chunks(broker, protocol, receiver):
     sent = [make_chunk(seq=0), make_chunk(seq=1, integers=True, full_scale=32767.0),
             make_chunk(modality="seismic", seq=2, channels=3, rate=None),
             make_chunk(node="n2", seq=3, integers=True)]
     payloads = [wire.encode_json(sent[0]), wire.encode_binary(sent[1], "<i2"),
                 wire.encode_binary(sent[2], "<f4"), wire.encode_json(sent[3])]
-    with source_for(broker, mqtt={"protocol": protocol}) as source:
+    with source_for(broker, receiver, mqtt={"protocol": protocol}) as source:
         assert source.wait_subscribed(5)
         publish(broker, [(topic(c.node, c.modality), p) for c, p in zip(sent, payloads)])
         got = read_n(source, len(sent))
@@ -72,7 +82,7 @@ def test_json_and_binary_payloads_arrive_as_equal_chunks(broker, protocol):
     assert source.stats()["disconnects"] == 0  # our own close is not a lost connection
 
 
-def test_malformed_payloads_are_counted_by_reason_and_skipped(broker):
+def test_malformed_payloads_are_counted_by_reason_and_skipped(broker, receiver):
     good = [make_chunk(seq=i, integers=True) for i in range(4)]
     truncated = wire.encode_binary(make_chunk(seq=90), "<f4")[:-3]
     bad_dtype = bytearray(wire.encode_binary(make_chunk(seq=91), "<f4"))
@@ -98,7 +108,7 @@ def test_malformed_payloads_are_counted_by_reason_and_skipped(broker):
         (topic("n1", "acoustic"), wire.encode_binary(nan_chunk, "<f4")),         # decodes
         *[(topic("n1", "acoustic"), wire.encode_binary(c, "<i2")) for c in good[1:]],
     ]
-    with source_for(broker, allowed_modalities=("acoustic", "seismic"),
+    with source_for(broker, receiver, allowed_modalities=("acoustic", "seismic"),
                     channels={"acoustic": 1}, max_payload_bytes=64_000) as source:
         assert source.wait_subscribed(5)
         publish(broker, items)
@@ -116,9 +126,9 @@ def test_malformed_payloads_are_counted_by_reason_and_skipped(broker):
         assert_same_chunk(g, w)
 
 
-def test_full_queue_drops_the_oldest_and_counts(broker):
+def test_full_queue_drops_the_oldest_and_counts(broker, receiver):
     sent = [make_chunk(seq=i) for i in range(7)]
-    with source_for(broker, queue_max=3) as source:
+    with source_for(broker, receiver, queue_max=3) as source:
         assert source.wait_subscribed(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
         wait_until(lambda: source.stats()["decoded"] == 7, 5, "7 decoded chunks")
@@ -129,8 +139,8 @@ def test_full_queue_drops_the_oldest_and_counts(broker):
 
 
 @pytest.mark.slow
-def test_reconnects_and_resubscribes_after_broker_restart(broker):
-    with source_for(broker) as source:
+def test_reconnects_and_resubscribes_after_broker_restart(broker, receiver):
+    with source_for(broker, receiver) as source:
         assert source.wait_subscribed(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=0)))])
         assert [c.seq for c in read_n(source, 1)] == [0]
@@ -190,7 +200,7 @@ def test_read_secret_from_file_and_systemd_credential(tmp_path, monkeypatch):
         read_secret("credential:pw")
 
 
-def test_password_from_systemd_credential(tmp_path, monkeypatch):
+def test_password_from_systemd_credential(tmp_path, monkeypatch, receiver):
     pwfile = tmp_path / "passwd"
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(pwfile), "edge", "pa55word"],
                    check=True, capture_output=True)
@@ -203,10 +213,11 @@ def test_password_from_systemd_credential(tmp_path, monkeypatch):
                                                     f"password_file {pwfile}"))
     b.start()
     try:
-        with source_for(b, mqtt={"username": "edge", "password_secret": "credential:wrong"}) as bad:
+        with source_for(b, receiver, mqtt={"username": "edge",
+                                           "password_secret": "credential:wrong"}) as bad:
             wait_until(lambda: bad.stats()["connect_failures"] >= 1, 5, "a refused connect")
             assert not bad.connected
-        with source_for(b, mqtt={"username": "edge",
+        with source_for(b, receiver, mqtt={"username": "edge",
                                  "password_secret": "credential:mqtt-password"}) as good:
             assert good.wait_subscribed(5)
             want = make_chunk(seq=5)
@@ -245,7 +256,7 @@ def _make_pki(d):
             "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", str(ext))
 
 
-def test_mutual_tls(tmp_path):
+def test_mutual_tls(tmp_path, receiver):
     pki = tmp_path / "pki"
     pki.mkdir()
     _make_pki(pki)
@@ -256,7 +267,7 @@ def test_mutual_tls(tmp_path):
     try:
         tls = {"tls_ca_file": str(pki / "ca.crt"), "tls_cert_file": str(pki / "client.crt"),
                "tls_key_file": str(pki / "client.key")}
-        with source_for(b, mqtt=tls) as source:
+        with source_for(b, receiver, mqtt=tls) as source:
             assert source.wait_subscribed(5), source.stats()
             want = make_chunk(seq=9)
             _publish_tls(b, pki, [(topic("n1", "acoustic"), wire.encode_binary(want))])
@@ -285,7 +296,11 @@ def _publish_tls(broker, pki, items):
 
 # --- the Source contract, for every live source -----------------------------------
 def _mqtt_source(request):
-    return source_for(request.getfixturevalue("broker"))
+    return source_for(request.getfixturevalue("broker"), "process")
+
+
+def _mqtt_thread_source(request):
+    return source_for(request.getfixturevalue("broker"), "thread")
 
 
 def _serial_source(request):
@@ -293,7 +308,8 @@ def _serial_source(request):
     return SerialSource(SerialSettings(device=request.getfixturevalue("pty_pair").path))
 
 
-@pytest.mark.parametrize("make", [_mqtt_source, _serial_source], ids=["mqtt", "serial"])
+@pytest.mark.parametrize("make", [_mqtt_source, _mqtt_thread_source, _serial_source],
+                         ids=["mqtt", "mqtt-thread", "serial"])
 def test_source_contract(request, make):
     source = make(request)
     with pytest.raises(TransportError):
