@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +17,7 @@ from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.credentials import read_secret
 from edgefuse.runtime.errors import ConfigError, TransportError
 from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.sensors.base import BAD_TOPIC, RejectedPayload
-from edgefuse.sensors.base import Source
+from edgefuse.sensors.base import BAD_TOPIC, RejectedPayload, Source
 from edgefuse.sensors.mqtt_source import (
     MqttSource, MqttSourceSettings, TopicPattern, make_mqtt_source,
 )
@@ -184,6 +187,70 @@ def test_settings_refuse_unknown_keys():
         MqttSettings(protocol="3")
     s = MqttSourceSettings.from_dict({"mqtt": {"port": 1884}, "allowed_modalities": ["imu"]})
     assert s.mqtt.port == 1884 and s.allowed_modalities == ("imu",)
+
+
+# --- the receiver process (receiver = "process") ------------------------------------
+def test_receiver_process_survives_sigterm_and_is_restarted_after_sigkill(broker):
+    """systemd signals the whole cgroup: the child must wait for its parent's word;
+    a child that dies anyway is restarted and its counts are kept."""
+    with source_for(broker, "process") as source:
+        assert source.wait_subscribed(5)
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(make_chunk(seq=0)))])
+        assert [c.seq for c in read_n(source, 1)] == [0]
+        child = source._proc
+        os.kill(child.pid, signal.SIGTERM)
+        time.sleep(0.3)
+        assert child.poll() is None, "the receiver must ignore SIGTERM"
+        os.kill(child.pid, signal.SIGKILL)
+        wait_until(lambda: source.stats()["receiver_starts"] == 2, 5, "a restarted receiver")
+        assert source.wait_subscribed(5)
+        assert source._proc is not child
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(make_chunk(seq=1)))])
+        assert [c.seq for c in read_n(source, 1)] == [1]
+        wait_until(lambda: source.stats()["received"] == 2, 2, "both messages counted")
+        stats = source.stats()
+    assert stats["decoded"] == 2 and stats["disconnects"] == 1 and stats["connects"] == 2
+
+
+def _pid_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # exited; a zombie waits only for init to reap it
+
+
+def test_receiver_process_exits_when_its_parent_is_killed(broker):
+    script = ("import sys, time\n"
+              "from edgefuse.runtime.mqtt_client import MqttSettings\n"
+              "from edgefuse.sensors.mqtt_source import MqttSourceSettings, make_mqtt_source\n"
+              "s = make_mqtt_source(MqttSourceSettings(mqtt=MqttSettings(host=sys.argv[1], "
+              "port=int(sys.argv[2]))))\n"
+              "s.open(); assert s.wait_subscribed(5)\n"
+              "print(s._proc.pid, flush=True); time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script, broker.host, str(broker.port)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert not _pid_gone(child_pid)
+    finally:
+        parent.kill()
+        parent.wait(5)
+    wait_until(lambda: _pid_gone(child_pid), 5, "the orphaned receiver to exit")
+
+
+def test_receiver_process_imports_no_numpy():
+    """The child stays small: standard library and paho only."""
+    out = subprocess.run(
+        [sys.executable, "-c", "import sys, edgefuse.sensors.mqtt_receiver; "
+         "print(sorted(m for m in ('numpy', 'numba', 'onnxruntime') if m in sys.modules))"],
+        capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_receiver_setting_is_validated():
+    with pytest.raises(ConfigError, match="receiver must be one of"):
+        MqttSourceSettings(receiver="fork")
 
 
 # --- credentials, auth, TLS ----------------------------------------------------
