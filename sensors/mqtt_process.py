@@ -6,7 +6,11 @@ pipe, parses the frames that have arrived and decodes the payloads with the
 same ChunkValidator as the in-process source, in the caller's thread. Apart
 from the transport it behaves like ``MqttSource``: the same counters (the
 child's and this side's are added up, and survive a restart of the child),
-``connected``, ``wait_subscribed()``, drop-oldest queue.
+``connected``, ``wait_subscribed()``. One difference: this side decodes
+only while its queue (``queue_max`` chunks) has room, and leaves the rest in
+the pipe, so a consumer that falls behind pushes back to the child, which
+holds up to ``receiver_queue_bytes`` and only then drops the oldest frames
+(counted in ``dropped_queue_full``). Nothing is dropped that memory could hold.
 
 The child is restarted when it exits unexpectedly, after a delay that doubles
 from RESTART_MIN_S to RESTART_MAX_S (reset once a child subscribes); each
@@ -31,7 +35,7 @@ from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError
 from edgefuse.runtime.mqtt_client import load_secrets
 from edgefuse.sensors.base import ChunkValidator, RejectedPayload, Source
-from edgefuse.sensors.mqtt_receiver import FRAME, MESSAGE, STATUS
+from edgefuse.sensors.mqtt_receiver import FRAME, MESSAGE
 from edgefuse.sensors.mqtt_source import MqttSource, MqttSourceSettings
 from edgefuse.sensors.topics import TopicPattern
 
@@ -61,7 +65,9 @@ class MqttProcessSource(Source):
         self._lock = threading.RLock()   # the pipe and the child's state
         self._proc: subprocess.Popen | None = None
         self._buf = bytearray()
-        self._child_status: dict = {}     # the running child's last STATUS
+        self._status_fd: int | None = None  # the child's status pipe (read end)
+        self._status_buf = b""
+        self._child_status: dict = {}     # the running child's last status line
         self._exited: dict = {}           # counters of children that exited, summed
         self._connected = False
         self._subscribed = threading.Event()
@@ -146,9 +152,20 @@ class MqttProcessSource(Source):
                     "qos": self.settings.qos, "max_payload_bytes": self.settings.max_payload_bytes,
                     "allowed_modalities": None if self.validator.allowed is None
                     else sorted(self.validator.allowed),
+                    "queue_bytes": self.settings.receiver_queue_bytes,
                     "log_level": logging.getLevelName(logging.getLogger("edgefuse").getEffectiveLevel())}
-        proc = subprocess.Popen([sys.executable, "-m", "edgefuse.sensors.mqtt_receiver"],
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        status_r, status_w = os.pipe()
+        settings["status_fd"] = status_w
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "edgefuse.sensors.mqtt_receiver"],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
+                                    pass_fds=(status_w,))
+        except BaseException:
+            os.close(status_r)
+            raise
+        finally:
+            os.close(status_w)
+        os.set_blocking(status_r, False)
         try:
             proc.stdin.write(json.dumps(settings).encode() + b"\n")
         except BrokenPipeError:
@@ -156,10 +173,12 @@ class MqttProcessSource(Source):
         fd = proc.stdout.fileno()
         os.set_blocking(fd, False)
         try:
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ,
+                        min(PIPE_BYTES, self.settings.receiver_queue_bytes))
         except OSError:  # over /proc/sys/fs/pipe-max-size for an unprivileged user
             pass
         self._proc, self._buf, self._child_status = proc, bytearray(), {}
+        self._status_fd, self._status_buf = status_r, b""
         self._restart_at = None
         self._counters.add("receiver_starts")
 
@@ -170,6 +189,9 @@ class MqttProcessSource(Source):
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
+        self._read_status()  # the child's last word: its final counts
+        os.close(self._status_fd)
+        self._status_fd = None
         for key in ("counters", "malformed"):
             total = self._exited.setdefault(key, {})
             for name, value in self._child_status.get(key, {}).items():
@@ -203,28 +225,53 @@ class MqttProcessSource(Source):
                 self._spawn()
                 return
             fd = proc.stdout.fileno()
+            if timeout_s > 0 and not self._room():
+                timeout_s = 0.0  # a full queue: the caller should read first
             if timeout_s > 0:
-                select.select([fd], [], [], timeout_s)
-            while True:
+                select.select([fd, self._status_fd], [], [], timeout_s)
+            self._read_status()
+            # Read only what there is room to decode: the rest waits in the pipe and
+            # then in the child's bounded deque, where a real overflow is counted.
+            # Closing reads everything (the child must be able to finish writing).
+            while closing or len(self._buf) < READ_BYTES:
                 try:
                     data = os.read(fd, READ_BYTES)
                 except BlockingIOError:
                     break
                 if not data:
-                    self._parse()
+                    self._parse(everything=True)
                     self._child_exited(closing=closing)
                     return
                 self._buf += data
                 if len(data) < READ_BYTES:
                     break
-            self._parse()
+            self._parse(everything=closing)
 
-    def _parse(self) -> None:
+    def _read_status(self) -> None:
+        """Apply the newest whole status line the child wrote."""
+        data = self._status_buf
+        while True:
+            try:
+                more = os.read(self._status_fd, 1 << 16)
+            except BlockingIOError:
+                break
+            if not more:
+                break
+            data += more
+        *lines, self._status_buf = data.split(b"\n")
+        if lines:
+            self._on_status(json.loads(lines[-1]))
+
+    def _room(self) -> bool:
+        return self._queue.qsize() < self.settings.queue_max
+
+    def _parse(self, *, everything: bool = False) -> None:
+        """Decode whole frames while the queue has room (or all of them)."""
         buf, pos, size = self._buf, 0, len(self._buf)
-        max_body = self.settings.max_payload_bytes + (1 << 16)
-        while size - pos >= FRAME.size:
+        max_body = self.settings.max_payload_bytes
+        while size - pos >= FRAME.size and (everything or self._room()):
             kind, node_len, modality_len, body_len, received_ns = FRAME.unpack_from(buf, pos)
-            if kind not in (MESSAGE, STATUS) or body_len > max_body:
+            if kind != MESSAGE or body_len > max_body:
                 log.error("the MQTT receiver process sent a corrupt frame (kind %d, %d bytes); "
                           "restarting it", kind, body_len)
                 self._proc.kill()
@@ -234,13 +281,10 @@ class MqttProcessSource(Source):
             end = start + node_len + modality_len + body_len
             if end > size:
                 break
-            body = bytes(buf[start + node_len + modality_len:end])
-            if kind == MESSAGE:
-                node = buf[start:start + node_len].decode()
-                modality = buf[start + node_len:start + node_len + modality_len].decode()
-                self._decode(body, node, modality, received_ns)
-            else:
-                self._on_status(json.loads(body))
+            node = buf[start:start + node_len].decode()
+            modality = buf[start + node_len:start + node_len + modality_len].decode()
+            self._decode(bytes(buf[start + node_len + modality_len:end]), node, modality,
+                         received_ns)
             pos = end
         del buf[:pos]
 

@@ -14,23 +14,26 @@ same ``ChunkValidator`` as the in-process source, so both count the same
 reasons. This module imports the standard library and paho only (no numpy):
 the child costs about 22 MB of memory.
 
-Protocol, all little-endian, no pickle:
+Protocol, no pickle:
 
 - parent -> child, stdin: one JSON line of settings, then nothing. EOF (the
   parent closed the pipe, or died) means: disconnect, flush, exit 0.
-- child -> parent, stdout: frames of ``FRAME`` (20 bytes: kind u8, pad,
-  node length u16, modality length u16, pad, body length u32, received
-  CLOCK_MONOTONIC ns i64), then node and modality (UTF-8), then the body.
-  ``MESSAGE`` bodies are the payload as received; ``STATUS`` bodies are a
-  JSON object: ``{"counters": {...}, "malformed": {...}, "connected": bool,
-  "subscribed": bool}``, sent on every connection change and at most every
-  STATUS_PERIOD_S while counters move.
+- child -> parent, stdout (the data pipe): frames of ``FRAME`` (20 bytes,
+  little-endian: kind u8 = MESSAGE, pad, node length u16, modality length
+  u16, pad, payload length u32, received CLOCK_MONOTONIC ns i64), then node
+  and modality (UTF-8), then the payload as received.
+- child -> parent, the status pipe (file descriptor ``status_fd`` of the
+  settings): JSON lines ``{"counters": {...}, "malformed": {...},
+  "connected": bool, "subscribed": bool}``, on every connection change and at
+  most every STATUS_PERIOD_S while counters move; the last line wins. Status
+  has its own pipe so that it is never stuck behind data the parent is not
+  ready to take.
 
 The child ignores SIGTERM and SIGINT: systemd signals the whole control
 group on stop, and the parent must decide when its input ends (it closes
 stdin while draining). Frames wait in a deque for the writer thread, which writes
 whatever has gathered with one system call, so the parent wakes once per
-batch rather than once per message. Bounds: QUEUE_BYTES in the deque (when
+batch rather than once per message. Bounds: ``receiver_queue_bytes`` in the deque (when
 full the oldest frames are dropped and counted in ``dropped_queue_full``),
 the pipe (1 MiB where the kernel allows it), then the parent's ``queue_max``
 chunks. A parent that stops reading thus costs drops, never memory.
@@ -54,10 +57,9 @@ from edgefuse.sensors.topics import RESERVED_MODALITIES, TopicPattern
 log = logging.getLogger("edgefuse.sensors.mqtt_receiver")
 
 FRAME = struct.Struct("<BxHHxxIq")
-MESSAGE, STATUS = 1, 2
+MESSAGE = 1
 STATUS_PERIOD_S = 0.1
 MAX_SETTINGS_BYTES = 1 << 16
-QUEUE_BYTES = 8 << 20  # frames waiting for the pipe; the oldest go first (counted)
 COUNTERS = ("received", "oversized", "ignored", "dropped_queue_full", "connects",
             "reconnects", "disconnects", "subscribed", "connect_failures")
 
@@ -65,7 +67,7 @@ COUNTERS = ("received", "oversized", "ignored", "dropped_queue_full", "connects"
 class Receiver:
     """paho client + bounded frame deque + writer thread; see the module docstring."""
 
-    def __init__(self, settings: dict, out_fd: int):
+    def __init__(self, settings: dict, out_fd: int, status_fd: int):
         self.mqtt = mqtt_client.MqttSettings.from_dict(settings["mqtt"])
         self.topics = TopicPattern(settings["topic_pattern"])
         self.qos = int(settings["qos"])
@@ -74,10 +76,12 @@ class Receiver:
         self.allowed = None if allowed is None else frozenset(allowed)
         self.counters = Counters(COUNTERS)
         self._out_fd = out_fd
+        self._status_fd = status_fd
         self._frames: deque[bytes] = deque()
         self._queued_bytes = 0
-        self._wake = threading.Condition()
-        self._state_changed = True
+        self._queue_bytes = int(settings["queue_bytes"])
+        self._wake = threading.Condition()        # frames queued, or stopping
+        self._state_changed = threading.Event()   # connection state: status now
         self._stopping = False
         self._closing = False
         self._connected = False
@@ -85,9 +89,12 @@ class Receiver:
         self._client = None
         self._writer = threading.Thread(target=self._write_loop, name="receiver-writer",
                                         daemon=True)
+        self._reporter = threading.Thread(target=self._status_loop, name="receiver-status",
+                                          daemon=True)
 
     def start(self) -> None:
         self._writer.start()
+        self._reporter.start()
         client = mqtt_client.make_client(self.mqtt, "source")
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
@@ -103,20 +110,19 @@ class Receiver:
             mqtt_client.stop(self._client)
         with self._wake:
             self._connected = self._subscribed = False
-            self._state_changed = True
             self._stopping = True
             self._wake.notify()
         self._writer.join(10)
+        self._state_changed.set()
+        self._reporter.join(10)
 
     # --- paho callbacks (network thread) ---------------------------------------
     def _set_state(self, *, connected: bool | None = None, subscribed: bool | None = None):
-        with self._wake:
-            if connected is not None:
-                self._connected = connected
-            if subscribed is not None:
-                self._subscribed = subscribed
-            self._state_changed = True
-            self._wake.notify()
+        if connected is not None:
+            self._connected = connected
+        if subscribed is not None:
+            self._subscribed = subscribed
+        self._state_changed.set()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -175,44 +181,26 @@ class Receiver:
         frame = b"".join((FRAME.pack(MESSAGE, len(node_b), len(modality_b), len(payload),
                                      received_ns), node_b, modality_b, payload))
         with self._wake:
-            while self._frames and self._queued_bytes + len(frame) > QUEUE_BYTES:
+            while self._frames and self._queued_bytes + len(frame) > self._queue_bytes:
                 self._queued_bytes -= len(self._frames.popleft())
                 self.counters.add("dropped_queue_full")
             self._frames.append(frame)
             self._queued_bytes += len(frame)
             self._wake.notify()
 
-    # --- writer thread ------------------------------------------------------------
-    def _status_frame(self) -> bytes:
-        snap = self.counters.snapshot()
-        malformed = snap.pop("malformed")
-        snap.pop("malformed_total")
-        body = json.dumps({"counters": snap, "malformed": malformed,
-                           "connected": self._connected,
-                           "subscribed": self._subscribed}).encode()
-        return FRAME.pack(STATUS, 0, 0, len(body), time.monotonic_ns()) + body
-
+    # --- writer and status threads ---------------------------------------------
     def _write_loop(self) -> None:
-        last_counts: dict | None = None
-        next_status = 0.0
         while True:
             with self._wake:
-                if not self._frames and not self._state_changed and not self._stopping:
-                    self._wake.wait(STATUS_PERIOD_S)
+                if not self._frames and not self._stopping:
+                    self._wake.wait()
                 batch = list(self._frames)
                 self._frames.clear()
                 self._queued_bytes = 0
-                stopping, state_changed = self._stopping, self._state_changed
-                self._state_changed = False
-            now = time.monotonic()
-            counts = self.counters.snapshot()
-            if state_changed or stopping or (counts != last_counts and now >= next_status):
-                # After the messages it counts, so the parent never sees a count run ahead.
-                batch.append(self._status_frame())
-                last_counts, next_status = counts, now + STATUS_PERIOD_S
+                stopping = self._stopping
             if batch and not self._write(b"".join(batch)):
                 return
-            if stopping:
+            if stopping and not batch:
                 return
 
     def _write(self, data: bytes) -> bool:
@@ -224,6 +212,32 @@ class Receiver:
                 log.warning("the daemon closed the pipe; %d bytes not delivered", len(view))
                 return False
         return True
+
+    def _status_loop(self) -> None:
+        last = None
+        while True:
+            self._state_changed.wait(STATUS_PERIOD_S)
+            self._state_changed.clear()
+            final = self._stopping and not self._writer.is_alive()
+            snap = self.counters.snapshot()
+            malformed = snap.pop("malformed")
+            snap.pop("malformed_total")
+            status = {"counters": snap, "malformed": malformed,
+                      "connected": self._connected, "subscribed": self._subscribed}
+            if status != last or final:
+                line = json.dumps(status).encode() + b"\n"
+                if final:
+                    os.set_blocking(self._status_fd, True)  # the last word must arrive
+                try:
+                    # At most PIPE_BUF bytes: written whole or not at all.
+                    os.write(self._status_fd, line)
+                    last = status
+                except BlockingIOError:
+                    pass  # the parent is not reading; a newer line follows
+                except BrokenPipeError:
+                    return
+            if final:
+                return
 
 
 def main() -> int:
@@ -239,7 +253,9 @@ def main() -> int:
     # Frames go to the original stdout; anything a library might print goes to stderr.
     out_fd = os.dup(1)
     os.dup2(2, 1)
-    receiver = Receiver(settings, out_fd)
+    status_fd = int(settings["status_fd"])
+    os.set_blocking(status_fd, False)
+    receiver = Receiver(settings, out_fd, status_fd)
     receiver.start()
     while sys.stdin.buffer.read(4096):  # the parent never writes again: wait for EOF
         pass

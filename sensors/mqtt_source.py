@@ -47,11 +47,18 @@ class MqttSourceSettings:
     # "process": paho's network loop in a child process (sensors.mqtt_receiver), off
     # the daemon's GIL; "thread": in this process, as paho's own thread.
     receiver: str = "process"
+    # process receiver only: bytes of frames the child holds while the daemon is
+    # behind (the pipe holds up to as much again, at most 1 MiB); beyond that the
+    # oldest frames are dropped and counted. 8 MiB is about a second of 300 nodes.
+    receiver_queue_bytes: int = 8 << 20
 
     def __post_init__(self) -> None:
         if self.receiver not in RECEIVERS:
             raise ConfigError(f"mqtt source receiver must be one of {list(RECEIVERS)}, "
                               f"found {self.receiver!r}")
+        if not 1 << 16 <= self.receiver_queue_bytes <= 1 << 30:
+            raise ConfigError("receiver_queue_bytes must be 64 KiB..1 GiB, found "
+                              f"{self.receiver_queue_bytes!r}")
         if self.qos not in (0, 1):
             raise ConfigError(f"mqtt source qos must be 0 or 1, found {self.qos!r}")
         if not 64 <= self.max_payload_bytes <= 64 << 20:

@@ -129,9 +129,9 @@ def test_malformed_payloads_are_counted_by_reason_and_skipped(broker, receiver):
         assert_same_chunk(g, w)
 
 
-def test_full_queue_drops_the_oldest_and_counts(broker, receiver):
+def test_full_queue_drops_the_oldest_and_counts(broker):
     sent = [make_chunk(seq=i) for i in range(7)]
-    with source_for(broker, receiver, queue_max=3) as source:
+    with source_for(broker, "thread", queue_max=3) as source:
         assert source.wait_subscribed(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
         wait_until(lambda: source.stats()["decoded"] == 7, 5, "7 decoded chunks")
@@ -139,6 +139,42 @@ def test_full_queue_drops_the_oldest_and_counts(broker, receiver):
         stats = source.stats()
     assert [c.seq for c in got] == [4, 5, 6]
     assert stats["dropped_queue_full"] == 4 and stats["delivered"] == 3
+
+
+def test_process_receiver_pushes_back_instead_of_dropping(broker):
+    """The process receiver decodes only while its queue has room; the rest waits in
+    the pipe, so a slow consumer loses nothing that memory can hold."""
+    sent = [make_chunk(seq=i) for i in range(7)]
+    with source_for(broker, "process", queue_max=3) as source:
+        assert source.wait_subscribed(5)
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
+        wait_until(lambda: source.stats()["received"] == 7, 5, "7 received messages")
+        stats = source.stats()
+        assert stats["queued"] == 3 and stats["decoded"] == 3
+        got = read_n(source, 7)
+        stats = source.stats()
+    assert [c.seq for c in got] == list(range(7))
+    assert stats["dropped_queue_full"] == 0 and stats["delivered"] == 7
+
+
+def test_process_receiver_drops_the_oldest_when_its_bytes_are_full(broker):
+    """Nobody reads: the pipe and the child's deque (64 KiB each here) fill up; the
+    child drops the oldest frames, counts them, and the newest get through."""
+    sent = [make_chunk(seq=i, n=12_000) for i in range(12)]  # 48 KB each
+    with source_for(broker, "process", queue_max=1, receiver_queue_bytes=1 << 16) as source:
+        assert source.wait_subscribed(5)
+        publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
+        time.sleep(1.0)  # everything reached the child; nobody read
+        got: list[Chunk] = []
+        while chunks := source.read(0.5):
+            got += chunks
+        wait_until(lambda: source.stats()["received"] == 12, 5, "12 received messages")
+        stats = source.stats()
+    seqs = [c.seq for c in got]
+    assert stats["dropped_queue_full"] >= 1
+    assert stats["decoded"] + stats["dropped_queue_full"] == 12 == len(got) + \
+        stats["dropped_queue_full"]
+    assert seqs == sorted(seqs) and seqs[-1] == 11
 
 
 @pytest.mark.slow
