@@ -53,6 +53,7 @@ SOURCE_COUNTERS = {
     "reconnects": "reconnections of the transport",
     "subscribed": "MQTT subscriptions acknowledged (one per broker session)",
     "disconnects": "losses of the transport",
+    "receiver_starts": "starts of the MQTT receiver process (1 + restarts after it died)",
 }
 
 

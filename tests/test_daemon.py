@@ -7,11 +7,13 @@ the very chunks that were sent.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import sqlite3
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,6 +166,45 @@ def test_sigkill_with_decisions_in_the_outbox_delivers_them_after_restart(tmp_pa
         again.close()
         collector.close()
         sink_broker.stop(kill=True)
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] not in ("Z", "X"):
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def test_mqtt_receiver_process_killed_is_restarted_and_the_stream_goes_on(tmp_path, broker):
+    """The daemon's MQTT receiver child dies between two halves of a stream: the
+    daemon stays up, starts a new one, which subscribes again; every chunk sent
+    after that is decided, and the decisions equal a replay of all the chunks."""
+    chunks = synthetic_chunks("n1", 10.0)
+    half = len(chunks) // 2
+    out = tmp_path / "d.jsonl"
+    daemon = DaemonProcess(tmp_path, _mqtt_args(broker, out, tmp_path / "ob"))
+    try:
+        daemon.wait_ready()
+        simulate(chunks[:half], _publisher(broker), speed=50.0)
+        daemon.wait_metric("edgefuse_source_decoded_total", half)
+        (child,) = _children(daemon.proc.pid)
+        os.kill(child, signal.SIGKILL)
+        daemon.wait_metric("edgefuse_source_receiver_starts_total", 2)
+        daemon.wait_metric("edgefuse_source_subscribed_total", 2)
+        assert child not in _children(daemon.proc.pid)
+        simulate(chunks[half:], _publisher(broker), speed=50.0)
+        daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
+        assert daemon.value("edgefuse_source_disconnects_total") == 1
+        assert daemon.proc.poll() is None
+        assert daemon.terminate() == 0
+    finally:
+        daemon.close()
+    assert out.read_text() == replay_text(write_log(tmp_path / "in.mcap", chunks))
 
 
 def test_serial_pty_closed_and_reopened_recovers(tmp_path, socat_link):
