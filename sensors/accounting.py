@@ -5,10 +5,13 @@ imports this without numpy, so it stays small.
 """
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterable
 
 from edgefuse.runtime.errors import WireFormatError
+
+log = logging.getLogger(__name__)
 
 # Why an incoming message was skipped (keys of stats()["malformed"]).
 BAD_TOPIC = "bad_topic"                # MQTT topic does not match the pattern
@@ -68,3 +71,13 @@ class Counters:
             out["malformed"] = dict(self._malformed)
         out["malformed_total"] = sum(out["malformed"].values())
         return out
+
+
+def count_rejection(counters: Counters, exc: RejectedPayload) -> None:
+    """Count a refused message; warn on the first of each reason, then debug only."""
+    if exc.reason == "oversized":
+        first = counters.add("oversized") == 0
+    else:
+        first = counters.malformed(exc.reason)
+    log.log(logging.WARNING if first else logging.DEBUG,
+            "skipped message (%s): %s; further ones are counted in stats()", exc.reason, exc)

@@ -27,7 +27,7 @@ from edgefuse.runtime.errors import TransportError, WireFormatError
 from edgefuse.sensors.accounting import (  # noqa: F401 - re-exported for the sources
     BAD_BINARY, BAD_CRC, BAD_CSV, BAD_DTYPE, BAD_FIELDS, BAD_FRAME, BAD_HEADER, BAD_JSON,
     BAD_TOPIC, TRUNCATED, UNKNOWN_MODALITY, WRONG_CHANNELS, Counters, RejectedPayload,
-    unknown_modality,
+    count_rejection, unknown_modality,
 )
 
 log = logging.getLogger(__name__)
@@ -190,11 +190,4 @@ class Source(ABC):
                         pass
 
     def _reject(self, exc: RejectedPayload) -> None:
-        """Count a refused message; warn on the first of each reason, then debug only."""
-        if exc.reason == "oversized":
-            first = self._counters.add("oversized") == 0
-        else:
-            first = self._counters.malformed(exc.reason)
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "skipped message (%s): %s; further ones are counted in stats()",
-                exc.reason, exc)
+        count_rejection(self._counters, exc)

@@ -34,9 +34,9 @@ from dataclasses import asdict, replace
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError
 from edgefuse.runtime.mqtt_client import load_secrets
-from edgefuse.sensors.base import ChunkValidator, RejectedPayload, Source
+from edgefuse.sensors.base import RejectedPayload, Source
 from edgefuse.sensors.mqtt_receiver import FRAME, MESSAGE
-from edgefuse.sensors.mqtt_source import MqttSource, MqttSourceSettings
+from edgefuse.sensors.mqtt_source import MqttSource, MqttSourceSettings, validator_for
 from edgefuse.sensors.topics import TopicPattern
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,7 @@ class MqttProcessSource(Source):
         self.settings = settings or MqttSourceSettings()
         super().__init__(self.settings.queue_max)
         self.topics = TopicPattern(self.settings.topic_pattern)
-        self.validator = ChunkValidator(
-            allowed_modalities if allowed_modalities is not None else self.settings.allowed_modalities,
-            channels if channels is not None else self.settings.channels)
+        self.validator = validator_for(self.settings, allowed_modalities, channels)
         self._lock = threading.RLock()   # the pipe and the child's state
         self._proc: subprocess.Popen | None = None
         self._buf = bytearray()
@@ -153,7 +151,8 @@ class MqttProcessSource(Source):
                     "allowed_modalities": None if self.validator.allowed is None
                     else sorted(self.validator.allowed),
                     "queue_bytes": self.settings.receiver_queue_bytes,
-                    "log_level": logging.getLevelName(logging.getLogger("edgefuse").getEffectiveLevel())}
+                    "log_level": logging.getLevelName(
+                        logging.getLogger("edgefuse").getEffectiveLevel())}
         status_r, status_w = os.pipe()
         settings["status_fd"] = status_w
         try:
@@ -222,7 +221,13 @@ class MqttProcessSource(Source):
                 if wait > 0:
                     time.sleep(min(timeout_s, wait))
                     return
-                self._spawn()
+                try:
+                    self._spawn()
+                except OSError as exc:  # out of processes or descriptors: try again later
+                    self._restart_at = time.monotonic() + self._restart_delay
+                    log.error("cannot start the MQTT receiver process (%s); retrying in %.1f s",
+                              exc, self._restart_delay)
+                    self._restart_delay = min(RESTART_MAX_S, self._restart_delay * 2)
                 return
             fd = proc.stdout.fileno()
             if timeout_s > 0 and not self._room():

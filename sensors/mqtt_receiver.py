@@ -7,11 +7,11 @@ sharing one GIL with the aligner and ONNX Runtime, was the largest single
 cost in the daemon (a third of its busy time at 200 nodes). Here it runs on
 another core, and the daemon reads ready-made frames from a pipe.
 
-The child does the cheap checks of the in-process source, in the same order
-(topic, reserved modality, size before any parsing, allowed modality) and
-forwards each surviving payload untouched; the parent decodes it with the
-same ``ChunkValidator`` as the in-process source, so both count the same
-reasons. This module imports the standard library and paho only (no numpy):
+The child runs the same ``Subscriber`` (sensors.mqtt_subscriber) as the
+in-process source, with its cheap checks (topic, reserved modality, size
+before any parsing, allowed modality), and forwards each surviving payload
+untouched; the parent decodes it with the same ``ChunkValidator``, so both
+receivers count the same reasons. This module imports the standard library and paho only (no numpy):
 the child costs about 22 MB of memory.
 
 Protocol, no pickle:
@@ -43,38 +43,40 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import signal
 import struct
 import sys
 import threading
-import time
 from collections import deque
 
 from edgefuse.runtime import mqtt_client
-from edgefuse.sensors.accounting import BAD_TOPIC, Counters, RejectedPayload, unknown_modality
-from edgefuse.sensors.topics import RESERVED_MODALITIES, TopicPattern
+from edgefuse.sensors import mqtt_subscriber
+from edgefuse.sensors.accounting import Counters
+from edgefuse.sensors.mqtt_subscriber import Subscriber
+from edgefuse.sensors.topics import TopicPattern
 
 log = logging.getLogger("edgefuse.sensors.mqtt_receiver")
 
 FRAME = struct.Struct("<BxHHxxIq")
 MESSAGE = 1
 STATUS_PERIOD_S = 0.1
+ALIVE_CHECK_S = 1.0
 MAX_SETTINGS_BYTES = 1 << 16
-COUNTERS = ("received", "oversized", "ignored", "dropped_queue_full", "connects",
-            "reconnects", "disconnects", "subscribed", "connect_failures")
+COUNTERS = mqtt_subscriber.COUNTERS + ("dropped_queue_full",)
 
 
 class Receiver:
-    """paho client + bounded frame deque + writer thread; see the module docstring."""
+    """Subscriber + bounded frame deque + writer and status threads."""
 
     def __init__(self, settings: dict, out_fd: int, status_fd: int):
-        self.mqtt = mqtt_client.MqttSettings.from_dict(settings["mqtt"])
-        self.topics = TopicPattern(settings["topic_pattern"])
-        self.qos = int(settings["qos"])
-        self.max_payload = int(settings["max_payload_bytes"])
-        allowed = settings.get("allowed_modalities")
-        self.allowed = None if allowed is None else frozenset(allowed)
         self.counters = Counters(COUNTERS)
+        self.subscriber = Subscriber(
+            mqtt_client.MqttSettings.from_dict(settings["mqtt"]),
+            TopicPattern(settings["topic_pattern"]), qos=int(settings["qos"]),
+            max_payload=int(settings["max_payload_bytes"]),
+            allowed=settings.get("allowed_modalities"), counters=self.counters,
+            deliver=self._enqueue, on_state=self._on_state)
         self._out_fd = out_fd
         self._status_fd = status_fd
         self._frames: deque[bytes] = deque()
@@ -83,10 +85,6 @@ class Receiver:
         self._wake = threading.Condition()        # frames queued, or stopping
         self._state_changed = threading.Event()   # connection state: status now
         self._stopping = False
-        self._closing = False
-        self._connected = False
-        self._subscribed = False
-        self._client = None
         self._writer = threading.Thread(target=self._write_loop, name="receiver-writer",
                                         daemon=True)
         self._reporter = threading.Thread(target=self._status_loop, name="receiver-status",
@@ -95,89 +93,23 @@ class Receiver:
     def start(self) -> None:
         self._writer.start()
         self._reporter.start()
-        client = mqtt_client.make_client(self.mqtt, "source")
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self._client = client
-        mqtt_client.start(client, self.mqtt)
+        self.subscriber.start()
 
     def stop(self) -> None:
-        self._closing = True  # our own disconnect is not a lost connection
-        if self._client is not None:
-            mqtt_client.stop(self._client)
+        self.subscriber.stop()
         with self._wake:
-            self._connected = self._subscribed = False
             self._stopping = True
             self._wake.notify()
         self._writer.join(10)
         self._state_changed.set()
         self._reporter.join(10)
 
-    # --- paho callbacks (network thread) ---------------------------------------
-    def _set_state(self, *, connected: bool | None = None, subscribed: bool | None = None):
-        if connected is not None:
-            self._connected = connected
-        if subscribed is not None:
-            self._subscribed = subscribed
+    # --- from the subscriber (paho's network thread) ------------------------------
+    def _on_state(self) -> None:
         self._state_changed.set()
 
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self.counters.add("connect_failures")
-            log.warning("MQTT broker refused the connection: %s", reason_code)
-            self._set_state()
-            return
-        if self.counters.add("connects") > 0:
-            self.counters.add("reconnects")
-        self._set_state(connected=True)
-        client.subscribe(self.topics.filter, qos=self.qos)  # clean start: every connect
-
-    def _on_connect_fail(self, client, userdata) -> None:
-        self.counters.add("connect_failures")
-        self._set_state()
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("MQTT broker refused the subscription to %r: %s; check the broker ACL",
-                      self.topics.filter, reason_codes)
-            return
-        self.counters.add("subscribed")
-        self._set_state(subscribed=True)
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected and not self._closing:
-            self.counters.add("disconnects")
-            log.warning("MQTT connection lost (%s); reconnecting", reason_code)
-        self._set_state(connected=False, subscribed=False)
-
-    def _on_message(self, client, userdata, message) -> None:
-        received_ns = time.monotonic_ns()
-        self.counters.add("received")
-        payload = message.payload
-        try:
-            node, modality = self.topics.parse(message.topic)
-            if modality in RESERVED_MODALITIES:
-                self.counters.add("ignored")
-                return
-            if len(payload) > self.max_payload:
-                self.counters.add("oversized")
-                return
-            if self.allowed is not None and modality not in self.allowed:
-                raise unknown_modality(modality, self.allowed)
-            node_b, modality_b = node.encode(), modality.encode()
-        except RejectedPayload as exc:
-            self.counters.malformed(exc.reason)
-            return
-        except UnicodeDecodeError:  # topic that is not UTF-8
-            self.counters.malformed(BAD_TOPIC)
-            return
-        except Exception:  # noqa: BLE001 - an escaping exception would stop paho's thread
-            self.counters.malformed("internal_error")
-            log.exception("unexpected error on a message on %r; skipped", message.topic)
-            return
+    def _enqueue(self, node: str, modality: str, payload: bytes, received_ns: int) -> None:
+        node_b, modality_b = node.encode(), modality.encode()
         frame = b"".join((FRAME.pack(MESSAGE, len(node_b), len(modality_b), len(payload),
                                      received_ns), node_b, modality_b, payload))
         with self._wake:
@@ -223,7 +155,8 @@ class Receiver:
             malformed = snap.pop("malformed")
             snap.pop("malformed_total")
             status = {"counters": snap, "malformed": malformed,
-                      "connected": self._connected, "subscribed": self._subscribed}
+                      "connected": self.subscriber.connected,
+                      "subscribed": self.subscriber.subscribed}
             if status != last or final:
                 line = json.dumps(status).encode() + b"\n"
                 if final:
@@ -257,8 +190,14 @@ def main() -> int:
     os.set_blocking(status_fd, False)
     receiver = Receiver(settings, out_fd, status_fd)
     receiver.start()
-    while sys.stdin.buffer.read(4096):  # the parent never writes again: wait for EOF
-        pass
+    stdin = sys.stdin.buffer.fileno()
+    while True:  # the parent never writes again: wait for EOF, watching paho's thread
+        if select.select([stdin], [], [], ALIVE_CHECK_S)[0] and not os.read(stdin, 4096):
+            break
+        if not receiver.subscriber.alive:
+            log.error("paho's network thread died; exiting so that the daemon starts a "
+                      "new receiver")
+            return 3
     receiver.stop()
     return 0
 

@@ -6,11 +6,13 @@ matches any level) is subscribed as ``edgefuse/+/+``. The payload is a
 runtime.wire chunk, binary when it starts with the magic ``EFCK``, JSON
 otherwise.
 
-paho runs on_message on its network thread, so the callback does only the
-cheap things, in this order: size check (before any parsing), modality
-check, decode, channel check, bounded enqueue. Messages on the decisions
-topic (modality ``decisions``, published by our own decision sink) are
-ignored and counted in ``ignored``.
+Two receivers behind one interface (``receiver`` setting, ``make_mqtt_source``):
+``"process"`` (default, sensors.mqtt_process) runs paho in a child process;
+``"thread"`` (``MqttSource`` here) runs it in this process. Both use the
+same ``Subscriber`` for the paho side: topic, reserved modality
+(``decisions``, our own output: counted in ``ignored``), size before any
+parsing, allowed modality; then the same ChunkValidator decodes and checks
+the channel count, and the chunk goes to a bounded queue.
 """
 from __future__ import annotations
 
@@ -19,16 +21,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 
-import paho.mqtt.client as mqtt
-
 from edgefuse.runtime import mqtt_client, wire
 from edgefuse.runtime.errors import ConfigError
-from edgefuse.sensors.base import (
-    BAD_TOPIC, DEFAULT_QUEUE_MAX, ChunkValidator, RejectedPayload, Source,
-)
-from edgefuse.sensors.topics import (  # noqa: F401 - TopicPattern is part of this API
-    DEFAULT_PATTERN, RESERVED_MODALITIES, TopicPattern,
-)
+from edgefuse.sensors.base import DEFAULT_QUEUE_MAX, ChunkValidator, Source
+from edgefuse.sensors.mqtt_subscriber import Subscriber
+from edgefuse.sensors.topics import DEFAULT_PATTERN, TopicPattern
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +77,16 @@ class MqttSourceSettings:
         return cls(**values)
 
 
+def validator_for(settings: MqttSourceSettings, allowed_modalities: Iterable[str] | None,
+                  channels: Mapping[str, int] | None) -> ChunkValidator:
+    """Arguments (from the model contract) win over the settings."""
+    return ChunkValidator(
+        settings.allowed_modalities if allowed_modalities is None else allowed_modalities,
+        settings.channels if channels is None else channels)
+
+
 class MqttSource(Source):
-    """Subscribes to the chunk topics; see the module docstring."""
+    """Subscribes to the chunk topics in this process (``receiver = "thread"``)."""
 
     COUNTERS = Source.COUNTERS + ("subscribed", "connect_failures")
 
@@ -91,103 +96,54 @@ class MqttSource(Source):
         self.settings = settings or MqttSourceSettings()
         super().__init__(self.settings.queue_max)
         self.topics = TopicPattern(self.settings.topic_pattern)
-        self.validator = ChunkValidator(
-            allowed_modalities if allowed_modalities is not None else self.settings.allowed_modalities,
-            channels if channels is not None else self.settings.channels)
-        self._client: mqtt.Client | None = None
-        self._connected = threading.Event()
+        self.validator = validator_for(self.settings, allowed_modalities, channels)
         self._subscribed = threading.Event()
-        self._closing = False
+        self._subscriber: Subscriber | None = None
 
     @property
     def connected(self) -> bool:
-        return self._connected.is_set()
-
-    def open(self) -> None:
-        if self._client is not None:
-            return
-        client = mqtt_client.make_client(self.settings.mqtt, "source")
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
-        self._client = client
-        self._opened = True
-        mqtt_client.start(client, self.settings.mqtt)
-        log.info("MQTT source connecting to %s:%d, topic filter %r", self.settings.mqtt.host,
-                 self.settings.mqtt.port, self.topics.filter)
+        return self._subscriber is not None and self._subscriber.connected
 
     @property
     def alive(self) -> bool:
-        thread = None if self._client is None else getattr(self._client, "_thread", None)
-        return thread is None or thread.is_alive()  # paho's network thread
+        return self._subscriber is None or self._subscriber.alive
+
+    def open(self) -> None:
+        if self._subscriber is not None:
+            return
+        s = self.settings
+        self._subscriber = Subscriber(
+            s.mqtt, self.topics, qos=s.qos, max_payload=s.max_payload_bytes,
+            allowed=self.validator.allowed, counters=self._counters, deliver=self._deliver,
+            on_state=self._on_state)
+        self._opened = True
+        self._subscriber.start()
+        log.info("MQTT source connecting to %s:%d, topic filter %r", s.mqtt.host, s.mqtt.port,
+                 self.topics.filter)
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """True once the broker acknowledged the current session's subscription."""
         return self._subscribed.wait(timeout_s)
 
     def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            self._closing = True  # our own disconnect is not a lost connection
-            mqtt_client.stop(client)
-            self._closing = False
-        self._connected.clear()
+        subscriber, self._subscriber = self._subscriber, None
+        if subscriber is not None:
+            subscriber.stop()
         self._subscribed.clear()
 
-    # --- paho callbacks (network thread: keep them short) ----------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
-        if reason_code.is_failure:
-            self._counters.add("connect_failures")
-            log.warning("MQTT broker refused the connection: %s", reason_code)
-            return
-        if self._counters.add("connects") > 0:
-            self._counters.add("reconnects")
-        self._connected.set()
-        # Clean start: the broker forgot our subscription, so subscribe on every connect.
-        client.subscribe(self.topics.filter, qos=self.settings.qos)
+    # --- from the subscriber (paho's network thread) ------------------------
+    def _on_state(self) -> None:
+        subscriber = self._subscriber
+        if subscriber is not None and subscriber.subscribed:
+            self._subscribed.set()
+        else:
+            self._subscribed.clear()
 
-    def _on_connect_fail(self, client, userdata) -> None:
-        self._counters.add("connect_failures")
-
-    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
-        if any(rc.is_failure for rc in reason_codes):
-            log.error("MQTT broker refused the subscription to %r: %s; check the broker ACL",
-                      self.topics.filter, reason_codes)
-            return
-        self._counters.add("subscribed")
-        self._subscribed.set()
-
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
-        if self._connected.is_set() and not self._closing:
-            self._counters.add("disconnects")
-            log.warning("MQTT connection lost (%s); reconnecting", reason_code)
-        self._connected.clear()
-        self._subscribed.clear()
-
-    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:
-        self._counters.add("received")
-        payload = message.payload
-        try:
-            node, modality = self.topics.parse(message.topic)
-            if modality in RESERVED_MODALITIES:
-                self._counters.add("ignored")
-                return
-            chunk = self.validator.decode(payload, node, modality,
-                                          self.settings.max_payload_bytes)
-        except RejectedPayload as exc:
-            self._reject(exc)
-            return
-        except UnicodeDecodeError:  # topic that is not UTF-8
-            self._reject(RejectedPayload(BAD_TOPIC, "topic is not valid UTF-8"))
-            return
-        except Exception:  # noqa: BLE001 - an escaping exception would stop paho's thread
-            self._counters.malformed("internal_error")
-            log.exception("unexpected error decoding a message on %r; skipped", message.topic)
-            return
+    def _deliver(self, node: str, modality: str, payload: bytes, received_ns: int) -> None:
+        # RejectedPayload propagates to the subscriber, which counts it.
+        chunk = self.validator.decode(payload, node, modality, self.settings.max_payload_bytes)
         self._counters.add("decoded")
-        self._offer(chunk)
+        self._offer(chunk, received_ns)
 
 
 def make_mqtt_source(settings: MqttSourceSettings, *,

@@ -1,0 +1,138 @@
+"""The paho side of both MQTT receivers: subscribe, check cheaply, hand over.
+
+``Subscriber`` owns one paho client subscribed to the chunk topics. Its
+callbacks run on paho's network thread, so they only count and check, in
+this order: topic, reserved modality (``decisions``, our own output: counted
+in ``ignored``), size (before any parsing), allowed modality. A payload that
+passes goes to ``deliver(node, modality, payload, received_ns)``: the
+in-process source decodes and queues it, the receiver process frames it for
+the daemon. Connection changes call ``on_state()``.
+
+Standard library and paho only (the receiver process imports it without numpy).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from edgefuse.runtime import mqtt_client
+from edgefuse.sensors.accounting import (
+    BAD_TOPIC, Counters, RejectedPayload, count_rejection, unknown_modality,
+)
+from edgefuse.sensors.topics import RESERVED_MODALITIES, TopicPattern
+
+log = logging.getLogger(__name__)
+
+COUNTERS = ("received", "oversized", "ignored", "connects", "reconnects", "disconnects",
+            "subscribed", "connect_failures")
+
+Deliver = Callable[[str, str, bytes, int], None]
+
+
+class Subscriber:
+    """See the module docstring. ``connected`` / ``subscribed`` are plain flags."""
+
+    def __init__(self, settings: mqtt_client.MqttSettings, topics: TopicPattern, *,
+                 qos: int, max_payload: int, allowed: Iterable[str] | None,
+                 counters: Counters, deliver: Deliver,
+                 on_state: Callable[[], None] = lambda: None):
+        self.settings = settings
+        self.topics = topics
+        self.qos = qos
+        self.max_payload = max_payload
+        self.allowed = None if allowed is None else frozenset(allowed)
+        self.counters = counters
+        self.connected = False
+        self.subscribed = False
+        self._deliver = deliver
+        self._on_state = on_state
+        self._client = None
+        self._closing = False
+
+    @property
+    def alive(self) -> bool:
+        """False once paho's network thread has died."""
+        thread = None if self._client is None else getattr(self._client, "_thread", None)
+        return thread is None or thread.is_alive()
+
+    def start(self) -> None:
+        client = mqtt_client.make_client(self.settings, "source")
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+        mqtt_client.start(client, self.settings)
+
+    def stop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            self._closing = True  # our own disconnect is not a lost connection
+            mqtt_client.stop(client)
+            self._closing = False
+        self._set_state(connected=False, subscribed=False)
+
+    def _set_state(self, *, connected: bool | None = None, subscribed: bool | None = None):
+        if connected is not None:
+            self.connected = connected
+        if subscribed is not None:
+            self.subscribed = subscribed
+        self._on_state()
+
+    # --- paho callbacks (network thread: keep them short) ----------------
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            self.counters.add("connect_failures")
+            log.warning("MQTT broker refused the connection: %s", reason_code)
+            self._set_state()
+            return
+        if self.counters.add("connects") > 0:
+            self.counters.add("reconnects")
+        self._set_state(connected=True)
+        # Clean start: the broker forgot our subscription, so subscribe on every connect.
+        client.subscribe(self.topics.filter, qos=self.qos)
+
+    def _on_connect_fail(self, client, userdata) -> None:
+        self.counters.add("connect_failures")
+        self._set_state()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if any(rc.is_failure for rc in reason_codes):
+            log.error("MQTT broker refused the subscription to %r: %s; check the broker ACL",
+                      self.topics.filter, reason_codes)
+            return
+        self.counters.add("subscribed")
+        self._set_state(subscribed=True)
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        if self.connected and not self._closing:
+            self.counters.add("disconnects")
+            log.warning("MQTT connection lost (%s); reconnecting", reason_code)
+        self._set_state(connected=False, subscribed=False)
+
+    def _on_message(self, client, userdata, message) -> None:
+        received_ns = time.monotonic_ns()
+        self.counters.add("received")
+        payload = message.payload
+        try:
+            node, modality = self.topics.parse(message.topic)
+            if modality in RESERVED_MODALITIES:
+                self.counters.add("ignored")
+                return
+            if len(payload) > self.max_payload:
+                raise RejectedPayload(
+                    "oversized", f"{node}/{modality}: payload of {len(payload)} bytes exceeds "
+                    f"the limit of {self.max_payload}; send smaller chunks or raise "
+                    "max_payload_bytes")
+            if self.allowed is not None and modality not in self.allowed:
+                raise unknown_modality(modality, self.allowed)
+            self._deliver(node, modality, payload, received_ns)
+        except RejectedPayload as exc:
+            count_rejection(self.counters, exc)
+        except UnicodeDecodeError:  # topic that is not UTF-8
+            count_rejection(self.counters, RejectedPayload(BAD_TOPIC, "topic is not valid UTF-8"))
+        except Exception:  # noqa: BLE001 - an escaping exception would stop paho's thread
+            self.counters.malformed("internal_error")
+            log.exception("unexpected error on a message on %r; skipped", message.topic)
