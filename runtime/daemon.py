@@ -5,9 +5,10 @@ every chunk read, ``poll()`` so a partial batch waits at most max_wait_s,
 ``flush()`` at the end. Decisions therefore equal a replay of the recorded
 input (``daemon.record``) for the windows both emit.
 
-One thread runs the main loop; the transports (paho, serial readers), the
-decision publisher and the metrics endpoint have their own threads and only
-hand data over through bounded queues. Signal handlers only set flags:
+One thread runs the main loop; the transports (the MQTT receiver process or
+paho's thread, serial readers), the decision publisher and the metrics
+endpoint have their own threads or process and only hand data over through
+bounded queues and pipes. Signal handlers only set flags:
 
 - SIGTERM / SIGINT: stop reading, decide what was read (flush), wait up to
   drain_timeout_s for the outbox to reach the broker, exit 0; rows left in
