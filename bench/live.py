@@ -160,10 +160,6 @@ def children(pid: int) -> list[int]:
     return out
 
 
-def tree_cpu_s(pid: int) -> float:
-    return sum(proc_cpu_s(p) for p in [pid, *children(pid)])
-
-
 def proc_pss_mb(pid: int) -> float:
     """Proportional set size: shared pages split among the processes sharing them."""
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import ssl
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
@@ -57,15 +57,6 @@ class MqttSettings:
             raise ConfigError("mqtt client certificates need tls_ca_file to verify the broker")
         if self.password_secret is not None and self.username is None:
             raise ConfigError("mqtt password_secret needs a username")
-
-    @classmethod
-    def from_dict(cls, values: dict) -> MqttSettings:
-        """From a config table; unknown keys are refused (typos must not pass silently)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown mqtt setting(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**values)
 
     def resolved_client_id(self, role: str) -> str:
         return self.client_id or f"edgefuse-{role}-{socket.gethostname()}-{os.getpid()}"

@@ -34,10 +34,9 @@ from dataclasses import asdict, replace
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError
 from edgefuse.runtime.mqtt_client import load_secrets
-from edgefuse.sensors.base import RejectedPayload, Source
+from edgefuse.sensors.base import RejectedPayload
 from edgefuse.sensors.mqtt_receiver import FRAME, MESSAGE
-from edgefuse.sensors.mqtt_source import MqttSource, MqttSourceSettings, validator_for
-from edgefuse.sensors.topics import TopicPattern
+from edgefuse.sensors.mqtt_source import MqttSourceBase, MqttSourceSettings
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +47,15 @@ PIPE_BYTES = 1 << 20   # asked of the kernel for the pipe; 64 KiB when refused
 READ_BYTES = 1 << 20
 
 
-class MqttProcessSource(Source):
+class MqttProcessSource(MqttSourceBase):
     """See the module docstring."""
 
-    COUNTERS = MqttSource.COUNTERS + ("receiver_starts",)
+    COUNTERS = MqttSourceBase.COUNTERS + ("receiver_starts",)
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
                  allowed_modalities: Iterable[str] | None = None,
                  channels: Mapping[str, int] | None = None):
-        self.settings = settings or MqttSourceSettings()
-        super().__init__(self.settings.queue_max)
-        self.topics = TopicPattern(self.settings.topic_pattern)
-        self.validator = validator_for(self.settings, allowed_modalities, channels)
+        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels)
         self._lock = threading.RLock()   # the pipe and the child's state
         self._proc: subprocess.Popen | None = None
         self._buf = bytearray()
@@ -68,7 +64,6 @@ class MqttProcessSource(Source):
         self._child_status: dict = {}     # the running child's last status line
         self._exited: dict = {}           # counters of children that exited, summed
         self._connected = False
-        self._subscribed = threading.Event()
         self._restart_at: float | None = None
         self._restart_delay = RESTART_MIN_S
         self._client_id = self.settings.mqtt.resolved_client_id("source")

@@ -72,7 +72,7 @@ class Receiver:
     def __init__(self, settings: dict, out_fd: int, status_fd: int):
         self.counters = Counters(COUNTERS)
         self.subscriber = Subscriber(
-            mqtt_client.MqttSettings.from_dict(settings["mqtt"]),
+            mqtt_client.MqttSettings(**settings["mqtt"]),  # asdict() of a checked one
             TopicPattern(settings["topic_pattern"]), qos=int(settings["qos"]),
             max_payload=int(settings["max_payload_bytes"]),
             allowed=settings.get("allowed_modalities"), counters=self.counters,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from edgefuse.runtime import mqtt_client, wire
 from edgefuse.runtime.errors import ConfigError
@@ -63,30 +63,9 @@ class MqttSourceSettings:
                               f"{self.max_payload_bytes!r}")
         TopicPattern(self.topic_pattern)  # validate early
 
-    @classmethod
-    def from_dict(cls, values: dict) -> MqttSourceSettings:
-        """From a config table; an ``mqtt`` sub-table holds the connection settings."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown mqtt source setting(s) {unknown}; allowed: {sorted(known)}")
-        values = dict(values)
-        values["mqtt"] = mqtt_client.MqttSettings.from_dict(values.get("mqtt", {}))
-        if values.get("allowed_modalities") is not None:
-            values["allowed_modalities"] = tuple(values["allowed_modalities"])
-        return cls(**values)
 
-
-def validator_for(settings: MqttSourceSettings, allowed_modalities: Iterable[str] | None,
-                  channels: Mapping[str, int] | None) -> ChunkValidator:
-    """Arguments (from the model contract) win over the settings."""
-    return ChunkValidator(
-        settings.allowed_modalities if allowed_modalities is None else allowed_modalities,
-        settings.channels if channels is None else channels)
-
-
-class MqttSource(Source):
-    """Subscribes to the chunk topics in this process (``receiver = "thread"``)."""
+class MqttSourceBase(Source):
+    """What both receivers share: settings, topic pattern, validator, subscribed flag."""
 
     COUNTERS = Source.COUNTERS + ("subscribed", "connect_failures")
 
@@ -96,8 +75,20 @@ class MqttSource(Source):
         self.settings = settings or MqttSourceSettings()
         super().__init__(self.settings.queue_max)
         self.topics = TopicPattern(self.settings.topic_pattern)
-        self.validator = validator_for(self.settings, allowed_modalities, channels)
+        # Arguments (from the model contract) win over the settings.
+        self.validator = ChunkValidator(
+            self.settings.allowed_modalities if allowed_modalities is None else allowed_modalities,
+            self.settings.channels if channels is None else channels)
         self._subscribed = threading.Event()
+
+
+class MqttSource(MqttSourceBase):
+    """Subscribes to the chunk topics in this process (``receiver = "thread"``)."""
+
+    def __init__(self, settings: MqttSourceSettings | None = None, *,
+                 allowed_modalities: Iterable[str] | None = None,
+                 channels: Mapping[str, int] | None = None):
+        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels)
         self._subscriber: Subscriber | None = None
 
     @property

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import serial
 
@@ -66,17 +66,6 @@ class SerialSettings:
         if self.device.startswith("/dev/tty") and "USB" in self.device:
             log.info("serial device %s may be renamed on replug; prefer /dev/serial/by-id/...",
                      self.device)
-
-    @classmethod
-    def from_dict(cls, values: dict) -> SerialSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown serial setting(s) {unknown}; allowed: {sorted(known)}")
-        values = dict(values)
-        if values.get("allowed_modalities") is not None:
-            values["allowed_modalities"] = tuple(values["allowed_modalities"])
-        return cls(**values)
 
 
 class SerialSource(Source):

@@ -30,6 +30,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def end_process(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Send sig to a running process, wait 5 s for it, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 def wait_until(predicate: Callable[[], object], timeout_s: float, what: str,
                interval_s: float = 0.02) -> object:
     """Poll until predicate() is truthy; fail the test saying what never happened."""
@@ -90,13 +101,7 @@ class Mosquitto:
         """SIGTERM (saves persistence) or SIGKILL; waits for exit."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        end_process(self.proc, signal.SIGKILL if kill else signal.SIGTERM)
         self.proc = None
 
     def restart(self, down_s: float = 0.0) -> None:
@@ -174,9 +179,14 @@ class Collector:
         self.client.loop_stop()
 
 
-def publish(broker: Mosquitto, items: list[tuple[str, bytes]], qos: int = 1) -> None:
-    """Publish items in order and wait until all are sent (QoS 1: acknowledged)."""
+def publish(broker: Mosquitto, items: list[tuple[str, bytes]], qos: int = 1, *,
+            configure: Callable[[mqtt.Client], object] | None = None) -> None:
+    """Publish items in order and wait until all are sent (QoS 1: acknowledged).
+
+    configure(client) runs before connecting (credentials, TLS)."""
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    if configure is not None:
+        configure(client)
     client.connect(broker.host, broker.port)
     client.loop_start()
     try:
@@ -249,12 +259,7 @@ class SocatLink:
             os.close(self._fd)
             self._fd = None
         if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+            end_process(self.proc)
             self.proc = None
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefuse.runtime import wire
+from edgefuse.runtime import config, wire
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.credentials import read_secret
 from edgefuse.runtime.errors import ConfigError, TransportError
@@ -223,11 +223,12 @@ def test_topic_pattern():
 
 
 def test_settings_refuse_unknown_keys():
-    with pytest.raises(ConfigError, match="unknown mqtt setting"):
-        MqttSourceSettings.from_dict({"mqtt": {"hots": "x"}})
+    with pytest.raises(ConfigError, match=r"\[source.mqtt.mqtt\]: unknown key\(s\) \['hots'\]"):
+        config.from_dict({"source": {"mqtt": {"mqtt": {"hots": "x"}}}})
     with pytest.raises(ConfigError, match="protocol"):
         MqttSettings(protocol="3")
-    s = MqttSourceSettings.from_dict({"mqtt": {"port": 1884}, "allowed_modalities": ["imu"]})
+    s = config.from_dict({"source": {"mqtt": {"mqtt": {"port": 1884},
+                                              "allowed_modalities": ["imu"]}}}).source.mqtt
     assert s.mqtt.port == 1884 and s.allowed_modalities == ("imu",)
 
 
@@ -331,24 +332,10 @@ def test_password_from_systemd_credential(tmp_path, monkeypatch, receiver):
             assert good.wait_subscribed(5)
             want = make_chunk(seq=5)
             client_items = [(topic("n1", "acoustic"), wire.encode_json(want))]
-            _publish_auth(b, client_items, "edge", "pa55word")
+            publish(b, client_items, configure=lambda c: c.username_pw_set("edge", "pa55word"))
             assert_same_chunk(read_n(good, 1)[0], want)
     finally:
         b.stop(kill=True)
-
-
-def _publish_auth(broker, items, user, password):
-    import paho.mqtt.client as mqtt
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
-    c.username_pw_set(user, password)
-    c.connect(broker.host, broker.port)
-    c.loop_start()
-    try:
-        for t, p in items:
-            c.publish(t, p, qos=1).wait_for_publish(5)
-    finally:
-        c.disconnect()
-        c.loop_stop()
 
 
 def _make_pki(d):
@@ -379,28 +366,18 @@ def test_mutual_tls(tmp_path, receiver):
         with source_for(b, receiver, mqtt=tls) as source:
             assert source.wait_subscribed(5), source.stats()
             want = make_chunk(seq=9)
-            _publish_tls(b, pki, [(topic("n1", "acoustic"), wire.encode_binary(want))])
+            publish(b, [(topic("n1", "acoustic"), wire.encode_binary(want))],
+                    configure=_client_tls(pki))
             assert_same_chunk(read_n(source, 1)[0], want)
     finally:
         b.stop(kill=True)
 
 
-def _publish_tls(broker, pki, items):
+def _client_tls(pki):
     import ssl
-
-    import paho.mqtt.client as mqtt
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
-    c.tls_set_context(ctx)
-    c.connect(broker.host, broker.port)
-    c.loop_start()
-    try:
-        for t, p in items:
-            c.publish(t, p, qos=1).wait_for_publish(5)
-    finally:
-        c.disconnect()
-        c.loop_stop()
+    return lambda client: client.tls_set_context(ctx)
 
 
 # --- the Source contract, for every live source -----------------------------------

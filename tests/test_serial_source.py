@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefuse.runtime import wire
+from edgefuse.runtime import config, wire
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import ConfigError
 from edgefuse.sensors.base import ChunkValidator
@@ -218,8 +218,8 @@ def test_settings_validation():
         SerialSettings(device="/dev/null", protocol="csv")
     with pytest.raises(ConfigError, match="protocol"):
         SerialSettings(device="/dev/null", protocol="xml")
-    with pytest.raises(ConfigError, match="unknown serial setting"):
-        SerialSettings.from_dict({"device": "/dev/null", "buad": 9600})
+    with pytest.raises(ConfigError, match=r"\[source.serial#1\]: unknown key\(s\) \['buad'\]"):
+        config.from_dict({"source": {"serial": [{"device": "/dev/null", "buad": 9600}]}})
 
 
 # --- over real ptys -----------------------------------------------------------------
