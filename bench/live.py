@@ -1,6 +1,7 @@
 """Live benchmark: N simulated nodes -> real Mosquitto on loopback -> `edgefuse run`.
 
-    python bench/live.py [--nodes 1,200] [--search 300,400,500] [--seconds 25] [--json]
+    python bench/live.py [--nodes 1,200] [--search 300,400,500] [--seconds 25]
+                         [--receivers thread,process] [--json]
 
 Each node sends three streams in real time, as a sensor would: acoustic
 9866.44 Hz (1 ch, int16), seismic 1605.23 Hz (1 ch, int16), imu 100 Hz
@@ -31,7 +32,10 @@ their lateness under ``--realtime-p99-s``: otherwise the load was not
 offered), every published chunk was decoded, no drop counter moved, and the
 ``e2e_outbox`` latency p99 stayed under ``--realtime-p99-s`` (1 s: chunks did
 not pile up in front of the daemon).
-``--search`` steps N up and reports the largest N that held. All processes share this machine's
+``--search`` steps N up and reports the largest N that held, per receiver.
+``--receivers thread,process`` measures the baseline (paho inside the daemon's
+process) and the receiver process in the same run, and prints their p99 and
+CPU ratios (thread / process) at each N. All processes share this machine's
 cores (publishers and broker included), which the numbers include.
 A benchmark, not a test: it asserts nothing.
 """
@@ -224,16 +228,20 @@ def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def run_once(nodes: int, args, workdir: Path) -> dict:
+def run_once(nodes: int, args, workdir: Path, receiver: str = "process") -> dict:
+    workdir = workdir / receiver
+    workdir.mkdir(exist_ok=True)
     broker, port = start_broker(workdir)
     metrics_port = free_port()
     trace = workdir / f"trace-{nodes}.jsonl"
     outbox = workdir / f"outbox-{nodes}.sqlite"
+    config = workdir / "edgefuse.toml"
+    config.write_text(f'[source.mqtt]\nreceiver = "{receiver}"\n')
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     daemon = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.setswitchinterval(float(sys.argv[1])); "
          "from edgefuse.runtime.cli import main; sys.exit(main(sys.argv[2:]))",
-         str(args.switch_interval_s), "run", "--model", str(MODEL),
+         str(args.switch_interval_s), "run", "--config", str(config), "--model", str(MODEL),
          "--mqtt", f"127.0.0.1:{port}", "--outbox", str(outbox), "--latency-trace", str(trace),
          "--metrics", f"127.0.0.1:{metrics_port}"],
         env=env, stderr=open(workdir / f"daemon-{nodes}.log", "wb"))  # noqa: SIM115
@@ -317,7 +325,7 @@ def run_once(nodes: int, args, workdir: Path) -> dict:
     realtime = (offered and decoded == len(published) and not any(drops.values())
                 and p99 is not None and p99 / 1e3 <= args.realtime_p99_s)
     return {
-        "nodes": nodes, "seconds": args.seconds, "chunk_s": args.chunk_s,
+        "nodes": nodes, "receiver": receiver, "seconds": args.seconds, "chunk_s": args.chunk_s,
         "chunks_published": len(published), "chunks_decoded": int(decoded),
         "decisions": len(trace.read_text().splitlines()),
         "decisions_received_mqtt": len(subscriber.received),
@@ -348,6 +356,9 @@ def main() -> None:
     ap.add_argument("--realtime-p99-s", type=float, default=1.0)
     ap.add_argument("--switch-interval-s", type=float, default=0.005,
                     help="the daemon's sys.setswitchinterval (Python's default: 0.005)")
+    ap.add_argument("--receivers", default="process",
+                    help="MQTT receivers to measure, e.g. thread,process (thread: the baseline, "
+                         "paho inside the daemon's process)")
     ap.add_argument("--json", action="store_true")
     # publisher-process arguments (internal)
     ap.add_argument("--publisher", default=None, help=argparse.SUPPRESS)
@@ -362,34 +373,54 @@ def main() -> None:
         return
     counts = [int(x) for x in args.nodes.split(",") if x]
     search = [int(x) for x in args.search.split(",") if x]
+    receivers = [x for x in args.receivers.split(",") if x]
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefuse-live-") as tmp:
+        for receiver in receivers:
+            for n in counts + search:
+                r = run_once(n, args, Path(tmp), receiver)
+                results.append(r)
+                _print_run(r, len(receivers) > 1)
+                if n in search and not r["realtime_no_drop"]:
+                    break
+    by = {(r["receiver"], r["nodes"]): r for r in results}
+    if {"thread", "process"} <= set(receivers):
         for n in counts + search:
-            r = run_once(n, args, Path(tmp))
-            results.append(r)
-            lat = r["latency_ms"]
-            print(f"N={n:4d}  daemon p50/p99 {_fmt(lat['daemon']['p50'])}/"
-                  f"{_fmt(lat['daemon']['p99'])} ms"
-                  f"  e2e(outbox) {_fmt(lat['e2e_outbox']['p50'])}/"
-                  f"{_fmt(lat['e2e_outbox']['p99'])} ms"
-                  f"  e2e(mqtt) {_fmt(lat['e2e_mqtt']['p50'])}/{_fmt(lat['e2e_mqtt']['p99'])} ms"
-                  f"  cpu {r['cpu_pct_of_core']:.0f}% ({r['cpu_pct_per_node']:.2f}%/node,"
-                  f" receiver {r['cpu_pct_receiver']:.0f}%)"
-                  f"  rss {r['rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
-                  f" + receiver {r['receiver_rss_mb']:.0f} MB, pss {r['pss_total_mb']:.0f} MB"
-                  f"  chunks {r['chunks_decoded']}/{r['chunks_published']}"
-                  f"  drops {sum(r['drops'].values()):.0f}"
-                  f" {({k.split('_', 1)[1]: v for k, v in r['drops'].items() if v}) or ''}"
-                  f"  publishers late p99 {_fmt(r['publisher_lag_ms']['p99'])} ms"
-                  f"  realtime={r['realtime_no_drop']}"
-                  f"  load {r['loadavg'][0]:.1f}", file=sys.stderr, flush=True)
-            if n in search and not r["realtime_no_drop"]:
-                break
-    held = [r["nodes"] for r in results if r["nodes"] in search and r["realtime_no_drop"]]
-    summary = {"runs": results, "max_realtime_nodes_tried": max(held) if held else None,
-               "cpus": os.cpu_count()}
+            t, p = by.get(("thread", n)), by.get(("process", n))
+            if t is None or p is None:
+                continue
+            ratios = {k: _ratio(t["latency_ms"][k]["p99"], p["latency_ms"][k]["p99"])
+                      for k in ("daemon", "e2e_outbox", "e2e_mqtt")}
+            print(f"N={n:4d}  thread/process p99 ratio: daemon {ratios['daemon']}, "
+                  f"e2e(outbox) {ratios['e2e_outbox']}, e2e(mqtt) {ratios['e2e_mqtt']}; "
+                  f"cpu {_ratio(t['cpu_pct_of_core'], p['cpu_pct_of_core'])}", file=sys.stderr)
+    held = {rc: max((r["nodes"] for r in results if r["receiver"] == rc and r["nodes"] in search
+                     and r["realtime_no_drop"]), default=None) for rc in receivers}
+    summary = {"runs": results, "max_realtime_nodes_tried": held, "cpus": os.cpu_count()}
     if args.json:
         print(json.dumps(summary, indent=1))
+
+
+def _print_run(r: dict, label: bool) -> None:
+    lat = r["latency_ms"]
+    print(f"{r['receiver'] + ' ' if label else ''}N={r['nodes']:4d}"
+          f"  daemon p50/p99 {_fmt(lat['daemon']['p50'])}/{_fmt(lat['daemon']['p99'])} ms"
+          f"  e2e(outbox) {_fmt(lat['e2e_outbox']['p50'])}/{_fmt(lat['e2e_outbox']['p99'])} ms"
+          f"  e2e(mqtt) {_fmt(lat['e2e_mqtt']['p50'])}/{_fmt(lat['e2e_mqtt']['p99'])} ms"
+          f"  cpu {r['cpu_pct_of_core']:.0f}% ({r['cpu_pct_per_node']:.2f}%/node,"
+          f" receiver {r['cpu_pct_receiver']:.0f}%)"
+          f"  rss {r['rss_mb']:.0f} MB (peak {r['peak_rss_mb']:.0f})"
+          f" + receiver {r['receiver_rss_mb']:.0f} MB, pss {r['pss_total_mb']:.0f} MB"
+          f"  chunks {r['chunks_decoded']}/{r['chunks_published']}"
+          f"  drops {sum(r['drops'].values()):.0f}"
+          f" {({k.split('_', 1)[1]: v for k, v in r['drops'].items() if v}) or ''}"
+          f"  publishers late p99 {_fmt(r['publisher_lag_ms']['p99'])} ms"
+          f"  realtime={r['realtime_no_drop']}"
+          f"  load {r['loadavg'][0]:.1f}", file=sys.stderr, flush=True)
+
+
+def _ratio(a, b) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}x"
 
 
 def _fmt(v) -> str:
