@@ -11,11 +11,22 @@ or once the node's other streams are ``max_wait_ns`` past its end (the
 lagging modality is then missing: unplugged sensor, lost packets, silent
 node). Memory is bounded by the per-stream ring; a stream that runs too far
 ahead forces older windows out (counted in ``forced_windows``).
+
+Hostile input (issue 8) costs bounded work and never other nodes' windows:
+a chunk with a rate outside its modality's range or a time outside
+[0, 2**62) ns is refused and counted (``bad_rate_chunks``, ``bad_time_chunks``);
+a jump in time is skipped in one step, so work per chunk follows its samples,
+never its timestamps; node slots are reclaimed (silent nodes are evicted,
+probationary names make room for new ones, established nodes never do) and
+``allowed_nodes`` can limit the names at all. All of it depends on the order
+of pushes only: a replay of the same chunks cuts the same windows.
 """
 from __future__ import annotations
 
+import fnmatch
 import logging
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +35,8 @@ from edgefuse.runtime import kernels
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.contract import ModelContract
 from edgefuse.runtime.errors import ConfigError
-from edgefuse.runtime.stream import StreamState
+from edgefuse.runtime.ratelimit import WarnLimiter
+from edgefuse.runtime.stream import BAD_RATE, BAD_TIME, StreamState, refusal
 from edgefuse.runtime.window import (REASON_CLIPPED, REASON_FLATLINE, REASON_GAP, REASON_NAN,
                                      REASON_NO_STREAM, REASON_STUCK, Window)
 
@@ -49,8 +61,17 @@ class AlignerConfig:
     antialias: bool = True                  # low-pass before decimating
     ring_extra_s: float = 1.0               # ring slack beyond window + waits
     max_nodes: int = 1000                   # nodes tracked at once (each holds its rings)
+    # Slots are reclaimed (see Aligner._admit and _advance_frontier): a node silent
+    # for evict_after_s of data time is evicted, its windows emitted first; a node
+    # is probationary until it has sent probation_chunks chunks, and only
+    # probationary nodes make room for a new name when max_nodes are tracked.
+    evict_after_s: float = 600.0
+    probation_chunks: int = 8
+    allowed_nodes: tuple[str, ...] = ()     # fnmatch patterns of node names; empty: any
 
     def __post_init__(self) -> None:
+        if isinstance(self.allowed_nodes, list):  # built in code rather than from TOML
+            object.__setattr__(self, "allowed_nodes", tuple(self.allowed_nodes))
         checks = [
             ("reorder_horizon_ns", 0 <= self.reorder_horizon_ns <= 60_000_000_000, "0..60 s"),
             ("max_wait_ns", 0 <= self.max_wait_ns <= 600_000_000_000, "0..600 s"),
@@ -62,6 +83,16 @@ class AlignerConfig:
             ("rate_history", 2 <= self.rate_history <= 10_000, "2..10000"),
             ("ring_extra_s", 0.0 <= self.ring_extra_s <= 600.0, "0..600 s"),
             ("max_nodes", 1 <= self.max_nodes <= 1_000_000, "1..1000000"),
+            # Evicting a node still inside its waits would cut its windows early.
+            ("evict_after_s", (self.max_wait_ns + self.reorder_horizon_ns) / 1e9
+             < self.evict_after_s <= 30 * 86_400,
+             "more than (max_wait_ns + reorder_horizon_ns) / 1e9 s, at most 30 days"),
+            ("probation_chunks", 1 <= self.probation_chunks <= 10_000, "1..10000"),
+            ("allowed_nodes", isinstance(self.allowed_nodes, tuple)
+             and len(self.allowed_nodes) <= 1000
+             and all(isinstance(p, str) and 0 < len(p) <= 256 for p in self.allowed_nodes),
+             "a list of at most 1000 non-empty fnmatch patterns (e.g. ['gw1-*']); "
+             "empty: any node"),
         ]
         for name, ok, allowed in checks:
             if not ok:
@@ -70,14 +101,22 @@ class AlignerConfig:
 
 
 class _Node:
-    def __init__(self, name: str):
+    def __init__(self, name: str, min_k: int | None = None):
         self.name = name
         self.streams: dict[str, StreamState] = {}
         self.next_k: int | None = None
+        # Windows below min_k were emitted before this node was evicted: never again,
+        # so (node, window index) stays unique for the aligner's lifetime.
+        self.min_k = min_k
+        self.chunks = 0                 # chunks accepted, up to probation_chunks
+        self.seen_at: int | None = None  # the frontier when it last pushed
 
     def progress_ns(self) -> int:
         return max((s.end_ns for s in self.streams.values() if s.end_ns is not None),
-                   default=-(1 << 62))
+                   default=NO_PROGRESS)
+
+
+NO_PROGRESS = -(1 << 62)
 
 
 class Aligner:
@@ -86,41 +125,56 @@ class Aligner:
         self.config = config or AlignerConfig()
         self._specs = {m.name: m for m in contract.modalities}
         self._win = {m.name: m.samples(contract.window_ns) for m in contract.modalities}
-        self._nodes: dict[str, _Node] = {}
+        # Every tracked node, least recently pushed first (silence eviction walks it).
+        self._nodes: OrderedDict[str, _Node] = OrderedDict()
+        # Probationary nodes by their chunk count (1 .. probation_chunks-1), each
+        # least recently pushed first: the victims when a new name needs a slot.
+        self._probation: dict[int, OrderedDict[str, None]] = {}
+        # Evicted node -> its next window index (bounded; see _forget).
+        self._retired: OrderedDict[str, int] = OrderedDict()
+        self._frontier: int | None = None
+        self._frontier_start: int | None = None
         self._out: list[Window] = []
         self._stats = np.zeros(6)  # scratch for the window-stats kernel
+        self._warner = WarnLimiter(log)
+        self._notes = WarnLimiter(log, level=logging.INFO)
         self.counters = {"windows": 0, "empty_windows_skipped": 0, "forced_windows": 0,
                          "unknown_modality_chunks": 0, "wrong_channel_chunks": 0,
-                         "too_many_nodes_chunks": 0}
+                         "too_many_nodes_chunks": 0, "not_allowed_chunks": 0,
+                         BAD_RATE: 0, BAD_TIME: 0, "evicted_nodes": 0, "displaced_nodes": 0}
 
     # -- public -----------------------------------------------------------
     def push(self, chunk: Chunk) -> list[Window]:
         spec = self._specs.get(chunk.modality)
         if spec is None:
-            self.counters["unknown_modality_chunks"] += 1
-            return []
+            return self._refuse("unknown_modality_chunks", chunk,
+                                f"the model has no modality {chunk.modality!r} (it has "
+                                f"{sorted(self._specs)})")
         if chunk.channels != spec.channels:
-            self.counters["wrong_channel_chunks"] += 1
-            log.warning("%s/%s seq %d: expected %d channels, found %d; chunk skipped",
-                        chunk.node, chunk.modality, chunk.seq, spec.channels, chunk.channels)
-            return []
+            return self._refuse("wrong_channel_chunks", chunk,
+                                f"expected {spec.channels} channel(s), found {chunk.channels}")
         node = self._nodes.get(chunk.node)
+        if node is None and not self._allowed(chunk.node):
+            return self._refuse("not_allowed_chunks", chunk,
+                                "the node name matches no pattern of aligner.allowed_nodes")
+        bad = refusal(chunk, spec.rate_hz)
+        if bad is not None:
+            return self._refuse(bad[0], chunk, bad[1])
         if node is None:
-            if len(self._nodes) >= self.config.max_nodes:
-                # A flood of node names (a misconfigured or hostile sender) must not
-                # grow memory without bound: refuse new nodes, count them.
-                self.counters["too_many_nodes_chunks"] += 1
-                if self.counters["too_many_nodes_chunks"] == 1:
-                    log.warning("node %r refused: already tracking max_nodes=%d nodes; raise "
-                                "aligner.max_nodes if this many are real", chunk.node,
-                                self.config.max_nodes)
-                return []
-            node = self._nodes[chunk.node] = _Node(chunk.node)
+            node = self._admit(chunk.node)
+            if node is None:
+                return self._refuse(
+                    "too_many_nodes_chunks", chunk,
+                    f"already tracking max_nodes={self.config.max_nodes} established nodes; "
+                    "raise aligner.max_nodes if this many are real (or set allowed_nodes)")
+        self._note_push(node)
         stream = node.streams.get(chunk.modality)
         if stream is None:
             stream = node.streams[chunk.modality] = self._new_stream(node, spec)
         stream.push(chunk)
         self._emit_ready(node, final=False)
+        self._advance_frontier(node)
+        self._evict_silent(node)
         out, self._out = self._out, []
         return out
 
@@ -137,6 +191,123 @@ class Aligner:
                    for n in self._nodes.values() for m, s in n.streams.items()}
         return {"aligner": dict(self.counters), "streams": streams}
 
+    # -- nodes: admission, probation, eviction ------------------------------
+    # A node is probationary until it has pushed probation_chunks chunks, then
+    # established. When max_nodes nodes are tracked, a new name takes the slot
+    # of a probationary node (the one with the fewest chunks, least recently
+    # pushed among those: deterministic, so replay == live); established nodes
+    # never make room for a newcomer, so with none probationary the new name is
+    # refused. A flood of one-chunk names thus only ever displaces its own
+    # kind: a real node that has sent two chunks outlasts any number of them,
+    # and a real node arriving after a flood takes a flooder's slot.
+    def _allowed(self, name: str) -> bool:
+        patterns = self.config.allowed_nodes
+        return not patterns or any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+    def _admit(self, name: str) -> _Node | None:
+        if len(self._nodes) >= self.config.max_nodes:
+            if not self._probation:
+                return None
+            victim = next(iter(self._probation[min(self._probation)]))
+            # Its buffered data is dropped, not flushed into windows: it is the
+            # least proven name, and deciding windows of a flood of names would
+            # spend the inference a real node needs.
+            self.counters["displaced_nodes"] += 1
+            self._warner.warn(("displaced",), "node %r displaced to admit node %r: max_nodes=%d "
+                             "reached; it had sent %d chunk(s)", victim, name,
+                             self.config.max_nodes, self._nodes[victim].chunks)
+            self._forget(self._nodes[victim])
+        node = self._nodes[name] = _Node(name, self._retired.pop(name, None))
+        return node
+
+    def _note_push(self, node: _Node) -> None:
+        """Count an accepted chunk of node: recency, probation, the frontier seen."""
+        self._nodes.move_to_end(node.name)
+        k = self.config.probation_chunks
+        if node.chunks < k:
+            self._leave_probation_bucket(node)
+            node.chunks += 1
+            if node.chunks < k:
+                self._probation.setdefault(node.chunks, OrderedDict())[node.name] = None
+        node.seen_at = self._frontier
+
+    # The frontier is the data time of the newest data, the clock silence is
+    # measured on. A hostile sender with a far-future t0 must not be able to
+    # move it and so evict every live node. Hence: only established nodes move
+    # it, by at most one window per chunk they push (a sender needs as many
+    # messages as the data time it wants to skip: 600 s takes 600 chunks of a
+    # node that has sent probation_chunks before); and a node is silent when
+    # the frontier has moved evict_after_s since its own last push, so a node
+    # that keeps sending is never evicted, whatever its own clock says.
+    def _advance_frontier(self, node: _Node) -> None:
+        if node.chunks < self.config.probation_chunks:
+            return
+        progress = node.progress_ns()
+        if progress == NO_PROGRESS:
+            return
+        if self._frontier is None:
+            self._frontier = self._frontier_start = progress
+        elif progress > self._frontier:
+            self._frontier += min(progress - self._frontier, self.contract.window_ns)
+        node.seen_at = self._frontier
+
+    def _evict_silent(self, pushing: _Node) -> None:
+        """Evict the nodes (least recently pushed first) silent for evict_after_s:
+        their remaining windows are emitted first, then their state is freed."""
+        if self._frontier is None:
+            return
+        limit = self._frontier - int(self.config.evict_after_s * 1e9)
+        while self._nodes:
+            node = next(iter(self._nodes.values()))
+            seen = node.seen_at if node.seen_at is not None else self._frontier_start
+            if node is pushing or seen >= limit:
+                return
+            for stream in node.streams.values():
+                stream.flush()
+            self._emit_ready(node, final=True)
+            self.counters["evicted_nodes"] += 1
+            self._notes.warn(("evicted",), "node %r evicted: silent for more than %g s of data "
+                             "time (aligner.evict_after_s); its windows were emitted",
+                             node.name, self.config.evict_after_s)
+            self._forget(node)
+
+    def _forget(self, node: _Node) -> None:
+        del self._nodes[node.name]
+        self._leave_probation_bucket(node)
+        if node.next_k is not None:
+            # Bounded: a name back after max_nodes others were evicted starts afresh.
+            self._retired[node.name] = node.next_k
+            self._retired.move_to_end(node.name)
+            if len(self._retired) > self.config.max_nodes:
+                self._retired.popitem(last=False)
+
+    def _leave_probation_bucket(self, node: _Node) -> None:
+        bucket = self._probation.get(node.chunks)
+        if bucket is not None and node.name in bucket:
+            del bucket[node.name]
+            if not bucket:
+                del self._probation[node.chunks]  # so the victim search sees full ones only
+
+    def _refuse(self, counter: str, chunk: Chunk, why: str) -> list[Window]:
+        """Count and warn about a chunk refused before it reaches a stream."""
+        self.counters[counter] += 1
+        node = self._nodes.get(chunk.node)
+        stream = node.streams.get(chunk.modality) if node is not None else None
+        if stream is not None and counter in (BAD_RATE, BAD_TIME):
+            setattr(stream.counters, counter, getattr(stream.counters, counter) + 1)
+        modality = chunk.modality if counter != "unknown_modality_chunks" else None
+        self._warn(node, (chunk.node, modality, counter), "%s/%s seq %d refused (%s): %s",
+                   chunk.node, chunk.modality, chunk.seq, counter, why)
+        return []
+
+    def _warn(self, node: _Node | None, key: tuple, msg: str, *args: object) -> None:
+        """Rate-limited warning. An established node has keys of its own, so a flood
+        cannot hide its warnings; names not tracked or still probationary share one
+        key per reason, so a flood of names cannot become a flood of log lines."""
+        if node is None or node.chunks < self.config.probation_chunks:
+            key = (None, *key[1:])
+        self._warner.warn(key, msg, *args)
+
     # -- internals --------------------------------------------------------
     def _new_stream(self, node: _Node, spec) -> StreamState:
         cfg = self.config
@@ -148,9 +319,12 @@ class Aligner:
         def make_room(stream: StreamState, g_hi: int, node=node) -> None:
             self._make_room(node, stream, g_hi)
 
+        def warn(key: tuple, msg: str, *args: object, node=node) -> None:
+            self._warn(node, key, msg, *args)
+
         return StreamState(node.name, spec, c.hop_ns, win, ring, cfg.reorder_horizon_ns,
                            cfg.gap_tolerance, cfg.max_pending_chunks, cfg.rate_history,
-                           cfg.antialias, make_room)
+                           cfg.antialias, make_room, warn=warn)
 
     def _first_k(self, node: _Node) -> int | None:
         starts = [s.segment_start_ns for s in node.streams.values()
@@ -158,8 +332,13 @@ class Aligner:
         if not starts:
             return None
         hop = self.contract.hop_ns
-        return -((-min(starts)) // hop)  # first window starting at or after the first sample
+        first = -((-min(starts)) // hop)  # first window starting at or after the first sample
+        return first if node.min_k is None else max(first, node.min_k)
 
+    # Work per chunk is bounded by its samples, never by its timestamps: a
+    # window without valid data is never stepped over one by one. After one,
+    # the loops below jump to the first window that can hold data (one scan of
+    # at most a ring per stream), capped where the loop's own checks end.
     def _make_room(self, node: _Node, stream: StreamState, g_hi: int) -> None:
         """Emit (forced) every window of node whose start would be overwritten."""
         if node.next_k is None:
@@ -175,8 +354,13 @@ class Aligner:
                 node.next_k = skip_to
                 continue
             self.counters["forced_windows"] += 1
-            self._emit(node, k)
-            node.next_k = k + 1
+            if self._emit(node, k):
+                node.next_k = k + 1
+                continue
+            # Later data of any stream comes too late for these windows: only what
+            # is written counts. Cap: a lower bound of the first window not forced.
+            t = stream.anchor_ns + int((g_hi - stream.cap - 1) * 1e9 / stream.fs)
+            node.next_k = max(k + 1, min(self._next_data_k(node, k + 1), t // hop - 1))
 
     def _emit_ready(self, node: _Node, final: bool) -> None:
         if node.next_k is None:
@@ -203,8 +387,34 @@ class Aligner:
             if skip_to is not None and skip_to > k:
                 node.next_k = skip_to
                 continue
-            self._emit(node, k)
-            node.next_k = k + 1
+            if self._emit(node, k):
+                node.next_k = k + 1
+                continue
+            # Windows that pass the checks above get no more data (written through or
+            # waited out), so only written data can stop the jump. Cap: a lower bound
+            # of the last window ending by the time those checks pass.
+            ready_by = progress
+            if not final:
+                written = min((s.anchor_ns + int((s.written_g - 1) * 1e9 / s.fs)
+                               if s is not None and s.written_g is not None else NO_PROGRESS)
+                              for s in streams)
+                ready_by = min(progress, max(progress - wait, written))
+            last_ready = (ready_by - win_ns) // hop
+            node.next_k = max(k + 1, min(self._next_data_k(node, k + 1), last_ready + 1))
+
+    def _next_data_k(self, node: _Node, k: int) -> int:
+        """A lower bound (within a window) of the first window from k holding valid data
+        written by any stream of node; a huge number when there is none."""
+        hop, win_ns = self.contract.hop_ns, self.contract.window_ns
+        best = 1 << 80
+        for s in node.streams.values():
+            if s.anchor_ns is None or s.written_g is None:
+                continue
+            g = s.first_valid_from(s.grid_index(k * hop))
+            if g is not None:
+                t = s.anchor_ns + int((g - 1) * 1e9 / s.fs)  # a grid period early
+                best = min(best, (t - win_ns) // hop)  # the window before the first ending after t
+        return best
 
     def _skip_silence(self, node: _Node, start: int, end: int) -> int | None:
         """Index of the first window that can hold data when window [start, end) lies
@@ -226,7 +436,8 @@ class Aligner:
         first_data = min(resume)
         return -((-(first_data - self.contract.window_ns + 1)) // self.contract.hop_ns)
 
-    def _emit(self, node: _Node, k: int) -> None:
+    def _emit(self, node: _Node, k: int) -> bool:
+        """Emit window k of node; False when it holds no valid data (skipped)."""
         c = self.contract
         start = k * c.hop_ns
         data, present, reasons, coverage = {}, {}, {}, {}
@@ -266,7 +477,7 @@ class Aligner:
                 reasons[name] = reason
         if not any_data:
             self.counters["empty_windows_skipped"] += 1
-            return
+            return False
         self.counters["windows"] += 1
         self._out.append(Window(node.name, k, start, start + c.window_ns, data, present,
                                 reasons, coverage))

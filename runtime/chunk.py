@@ -5,11 +5,44 @@ device clock (UNIX epoch where the device has one); rates are float Hz.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from edgefuse.runtime.errors import InputError
+
+# Bounds every chunk must meet wherever it enters (wire decoding, the aligner).
+# One definition here, so the wire and the aligner cannot disagree.
+#
+# Rates: finite, >= RATE_MIN_HZ and < RATE_MAX_HZ. One sample per 1000 s is no
+# sensor stream, and a subnormal or tiny rate makes one sample span an absurd
+# time (5e-324 Hz overflows n / rate to inf). The aligner narrows the range
+# further per modality (see ``edgefuse.runtime.stream.rate_range``).
+RATE_MIN_HZ = 1e-3
+RATE_MAX_HZ = 1e7
+# Times: [0, 2**62) ns, i.e. 1970 .. year 2116. Negative device times are no
+# clock we support, and staying a factor 2 inside int64 keeps t0 + span and
+# grid arithmetic far from overflow in the Numba kernels.
+T0_MIN_NS = 0
+T0_MAX_NS = 1 << 62  # exclusive
+
+
+def rate_ok(rate_hz: object) -> bool:
+    """True for a real, finite rate in [RATE_MIN_HZ, RATE_MAX_HZ)."""
+    if isinstance(rate_hz, bool) or not isinstance(rate_hz, (int, float, np.floating,
+                                                            np.integer)):
+        return False
+    try:
+        r = float(rate_hz)
+    except OverflowError:  # a JSON integer beyond float range
+        return False
+    return math.isfinite(r) and RATE_MIN_HZ <= r < RATE_MAX_HZ
+
+
+def t0_ok(t0_ns: int) -> bool:
+    """True for a device time in [T0_MIN_NS, T0_MAX_NS)."""
+    return T0_MIN_NS <= t0_ns < T0_MAX_NS
 
 
 @dataclass(frozen=True)
@@ -24,6 +57,11 @@ class Chunk:
                 detected from it and from time).
     full_scale: the largest magnitude the sensor can report (e.g. 32767 for
                 int16 PCM), used to detect clipping; None when unknown.
+
+    Construction raises InputError for samples that are not [n, channels], a
+    rate outside [RATE_MIN_HZ, RATE_MAX_HZ) and a t0/seq that is no integer.
+    t0_ns itself may be any integer here (offline tools use relative times);
+    the wire decoders and the aligner refuse t0 outside [T0_MIN_NS, T0_MAX_NS).
     """
 
     node: str
@@ -50,13 +88,20 @@ class Chunk:
             object.__setattr__(self, "samples", np.ascontiguousarray(s, dtype=np.float32))
         elif not s.flags.c_contiguous:
             object.__setattr__(self, "samples", np.ascontiguousarray(s))
-        if self.rate_hz is not None and not (0.0 < float(self.rate_hz) < 1e7):
+        if self.rate_hz is not None and not rate_ok(self.rate_hz):
             raise InputError(
-                f"chunk {self.node}/{self.modality} seq {self.seq}: rate_hz must be in "
-                f"(0, 1e7) Hz, found {self.rate_hz!r}"
+                f"chunk {self.node}/{self.modality} seq {self.seq}: rate_hz must be a finite "
+                f"number in [{RATE_MIN_HZ:g}, {RATE_MAX_HZ:g}) Hz or None (unknown), found "
+                f"{self.rate_hz!r}; send the sensor's sample rate"
             )
-        object.__setattr__(self, "t0_ns", int(self.t0_ns))
-        object.__setattr__(self, "seq", int(self.seq))
+        for name in ("t0_ns", "seq"):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, int(value))
+            except (TypeError, ValueError, OverflowError):  # None, NaN, inf, text
+                raise InputError(
+                    f"chunk {self.node}/{self.modality}: {name} must be an integer, found "
+                    f"{value!r}") from None
 
     @property
     def n(self) -> int:

@@ -163,8 +163,11 @@ def cmd_simulate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgefuse", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"edgefuse {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("EDGEFUSE_LOG_LEVEL", "WARNING"),
-                        choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-level", default=os.environ.get("EDGEFUSE_LOG_LEVEL"),
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="default: $EDGEFUSE_LOG_LEVEL, else INFO for edgefuse's own "
+                             "messages in `run` (a service logs its state changes) and "
+                             "WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("replay", help="replay recorded sensor logs through a model")
@@ -250,12 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         args.model = args.model_path
     elif args.command == "info":
         args.model = None
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+    logging.basicConfig(level=args.log_level or "WARNING", stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.log_level is None and args.command == "run":
+        # the daemon's start, ready line, reconnects and reloads; libraries stay at WARNING
+        logging.getLogger("edgefuse").setLevel(logging.INFO)
     try:
         return args.func(args)
     except EdgefuseError as exc:
-        print(f"edgefuse {args.command}: error: {exc}", file=sys.stderr)
+        # one line, whatever the message holds (a wrapped OS or TLS error may not be)
+        message = " ".join(str(exc).splitlines())
+        print(f"edgefuse {args.command}: error: {message}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1

@@ -116,18 +116,34 @@ class MetricsSettings:
         _check_range("port", self.port, 0, 65535)  # 0: any free port (tests)
 
 
+WAIT_FOR_SOURCES = ("any", "all")
+
+
 @dataclass(frozen=True)
 class DaemonSettings:
     read_timeout_s: float = 0.005        # how long one read waits for data
     connect_timeout_s: float = 30.0      # READY=1 waits this long for the sources
+    # "any": READY=1 once one source is connected (after waiting up to start_grace_s for
+    # the others, which keep connecting in the background); "all": every source must be
+    # connected within connect_timeout_s, else the start fails.
+    wait_for_sources: str = "any"
+    start_grace_s: float = 5.0
     drain_timeout_s: float = 10.0        # SIGTERM: how long the outbox may take to empty
+    # No loop iteration for this long (or for systemd's WatchdogSec, if shorter): the
+    # daemon reports itself unhealthy and not ready, and logs where the loop is stuck.
+    stall_timeout_s: float = 10.0
     record: str = ""                     # "" -> no recording; else an MCAP path
     latency_trace: str = ""              # "" -> off; else a JSONL file (benchmarks)
 
     def __post_init__(self) -> None:
         _check_range("read_timeout_s", self.read_timeout_s, 0.0005, 1.0)
         _check_range("connect_timeout_s", self.connect_timeout_s, 0.0, 3600.0)
+        _check_range("start_grace_s", self.start_grace_s, 0.0, 3600.0)
         _check_range("drain_timeout_s", self.drain_timeout_s, 0.0, 3600.0)
+        _check_range("stall_timeout_s", self.stall_timeout_s, 0.1, 3600.0)
+        if self.wait_for_sources not in WAIT_FOR_SOURCES:
+            raise ConfigError(f"wait_for_sources = {self.wait_for_sources!r} is not allowed; "
+                              f"allowed: {list(WAIT_FOR_SOURCES)}")
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,19 @@ bounded queues and pipes. Signal handlers only set flags:
   between two batches; a model that fails to load, or whose windows or
   modalities differ (the buffered streams would not fit it), is refused and
   the old one keeps running.
+
+Start-up: READY=1 once the model is loaded and the sources are connected.
+With ``[daemon] wait_for_sources = "any"`` (the default) one connected
+source is enough: after waiting up to ``start_grace_s`` for the others, the
+daemon decides from the connected ones while the rest keep connecting in
+the background (a broker that is down must not stop a serial node's
+decisions; they queue in the outbox). ``"all"`` keeps the strict start:
+every source within ``connect_timeout_s`` or exit 1. Either way a start
+that cannot work (port in use, unwritable output) fails with one line.
+
+A stuck iteration (a blocked disk write, a slow sink) stops the WATCHDOG=1
+pings, since only the loop sends them, and a ``StallMonitor`` thread turns
+``edgefuse_healthy``/``edgefuse_ready`` to 0 after ``stall_timeout_s``.
 """
 from __future__ import annotations
 
@@ -32,7 +45,7 @@ from edgefuse.runtime import kernels
 from edgefuse.runtime.config import Config
 from edgefuse.runtime.decision import Decision
 from edgefuse.runtime.errors import ConfigError, EdgefuseError, TransportError
-from edgefuse.runtime.health import Health, Notifier
+from edgefuse.runtime.health import Health, Notifier, StallMonitor
 from edgefuse.runtime.inference import OnnxModel
 from edgefuse.runtime.info import bundled_model_path
 from edgefuse.runtime.metrics import DaemonMetrics
@@ -42,6 +55,7 @@ from edgefuse.runtime.sinks import JsonlSink, MqttDecisionSink, Sink
 log = logging.getLogger(__name__)
 
 SNAPSHOT_PERIOD_S = 1.0
+PENDING_WARN_PERIOD_S = 60.0  # a source still not connected after start: warned this often
 
 
 def model_path(config: Config) -> Path:
@@ -76,6 +90,13 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.recorder = None
         self.health = Health(self.notifier)
+        stall_s = config.daemon.stall_timeout_s
+        if self.health.watchdog_s:  # systemd kills a silent loop after this anyway
+            stall_s = min(stall_s, self.health.watchdog_s)
+        self.monitor = StallMonitor(stall_s, self._on_stall)
+        self.metrics.loop_idle.set_function(self.monitor.idle_s)
+        # source name -> [source, since, next reminder]: not connected since the start
+        self._pending: dict[str, list] = {}
         self._stop = threading.Event()
         self._reload = threading.Event()
         self._reloaded: list = []            # [OnnxModel | Exception] from the reload thread
@@ -84,6 +105,14 @@ class Daemon:
         self._sink_failures = 0
         self._last_snapshot = 0.0
         self._trace = None
+
+    def _on_stall(self, stalled: bool) -> None:
+        """From the stall monitor's thread: gauges and systemd's status line only."""
+        self.metrics.set_state(stalled=stalled)
+        if stalled:
+            self.notifier.notify(f"STATUS=main loop stuck in {self.monitor.where()}")
+        elif self.pipeline is not None:
+            self.notifier.notify(self._status())
 
     # --- control (signal handlers call these: flags only) ------------------
     def request_stop(self, *_args) -> None:
@@ -102,8 +131,10 @@ class Daemon:
         """start(), loop until SIGTERM, drain; returns the exit status."""
         try:
             self.start()
+            self.monitor.start(threading.current_thread())  # the thread that runs the loop
             while not self._stop.is_set():
                 self.step()
+            self.monitor.stop()  # draining may legitimately take drain_timeout_s
             self.drain()
         finally:
             self.close()
@@ -111,6 +142,10 @@ class Daemon:
 
     def start(self) -> None:
         cfg = self.config
+        # Metrics first: a busy port fails at once, and a scrape shows ready 0 while
+        # the model loads and the sources connect.
+        if cfg.metrics.enabled:
+            self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self.notifier.notify("STATUS=loading the model")
         kernels.warm_up()  # compile or load the Numba cache before the first chunk
         model = load_model(cfg)
@@ -122,24 +157,30 @@ class Daemon:
             self.recorder = McapRecorder(cfg.daemon.record,
                                          metadata={"recorded_by": "edgefuse run"})
         if cfg.daemon.latency_trace:
-            self._trace = open(cfg.daemon.latency_trace, "a", encoding="utf-8")  # noqa: SIM115
+            self._trace = _open_output(cfg.daemon.latency_trace, "the latency trace",
+                                       "[daemon] latency_trace (--latency-trace)")
         self._open_sources(model)
-        if cfg.metrics.enabled:
-            self.metrics_port = self.metrics.serve(cfg.metrics.host, cfg.metrics.port)
         self._wait_connected()
         self._snapshot()
-        self.metrics.ready.set(1)
-        log.info("ready: model %s, %d source(s), sinks %s", model.contract.ident,
-                 len(self.sources), [name for name, _ in self.sinks])
-        self.notifier.notify("READY=1", f"STATUS=running model {model.contract.ident}")
+        self.metrics.set_state(ready=True)
+        metrics = (f"http://{cfg.metrics.host}:{self.metrics_port}/metrics"
+                   if self.metrics_port is not None else "off")
+        sources = [name + (" (not connected yet)" if name in self._pending else "")
+                   for name in map(self._source_name, self.sources)]
+        log.info("ready: model %s, sources %s, sinks %s, metrics %s", model.contract.ident,
+                 sources, [name for name, _ in self.sinks], metrics)
+        self.notifier.notify("READY=1", self._status())
+
+    def _status(self) -> str:
+        status = f"STATUS=running model {self.pipeline.model.contract.ident}"
+        if self._pending:
+            status += f"; not connected yet: {', '.join(list(self._pending))}"
+        return status
 
     def _open_sinks(self) -> None:
         cfg = self.config
-        if cfg.sink.jsonl.path:
-            self.sinks.append(("jsonl", JsonlSink(cfg.sink.jsonl.path, append=cfg.sink.jsonl.append,
-                                                  fsync=cfg.sink.jsonl.fsync)))
-        if cfg.sink.stdout.enabled:
-            self.sinks.append(("stdout", JsonlSink("-")))
+        # The outbox first: its lock refuses a second daemon before that daemon
+        # truncates a JSONL file the first one is writing.
         s = cfg.sink.mqtt
         if s.enabled:
             path = cfg.outbox_path()
@@ -156,6 +197,17 @@ class Daemon:
                                               retry_max_s=s.retry_max_s)
             self._outbox = outbox
             self.sinks.append(("mqtt", self.mqtt_sink))
+        if cfg.sink.jsonl.path:
+            path = cfg.sink.jsonl.path
+            try:
+                sink = JsonlSink(path, append=cfg.sink.jsonl.append, fsync=cfg.sink.jsonl.fsync)
+            except OSError as exc:
+                raise ConfigError(f"cannot write decisions to {path}: {exc.strerror or exc}; "
+                                  "choose a writable [sink.jsonl] path (--out FILE, or "
+                                  "--out - for stdout)") from exc
+            self.sinks.append(("jsonl", sink))
+        if cfg.sink.stdout.enabled:
+            self.sinks.append(("stdout", JsonlSink("-")))
         if not self.sinks:
             raise ConfigError("no sink is enabled: decisions would go nowhere; enable "
                               "[sink.mqtt], [sink.jsonl] path or [sink.stdout]")
@@ -175,18 +227,61 @@ class Daemon:
         for src in self.sources:
             src.open()
 
+    @staticmethod
+    def _last_error(src) -> str:
+        error = src.last_error
+        return str(error) if error else "no error reported yet"
+
     def _wait_connected(self) -> None:
-        timeout = self.config.daemon.connect_timeout_s
-        deadline = time.monotonic() + timeout
-        for src in self.sources:
-            wait = getattr(src, "wait_subscribed", None) or getattr(src, "wait_connected")
-            while not wait(min(0.2, max(0.0, deadline - time.monotonic()))):
-                if self._stop.is_set():
-                    raise TransportError("stopped while waiting for the sources to connect")
-                if time.monotonic() >= deadline:
-                    raise TransportError(
-                        f"source {self._source_name(src)} did not connect within {timeout} s; "
-                        "check that the broker/device is there ([daemon] connect_timeout_s)")
+        """Wait for the sources as ``[daemon] wait_for_sources`` says (module docstring)."""
+        cfg = self.config.daemon
+        start = time.monotonic()
+        deadline = start + cfg.connect_timeout_s
+        grace_end = None  # "any": once one source is up, the others get start_grace_s
+        waiting = list(self.sources)
+        while True:
+            step = 0.2 / len(waiting)
+            # wait_connected: an MQTT source once its subscription is acknowledged,
+            # a serial one once its port is open
+            waiting = [src for src in waiting if not src.wait_connected(step)]
+            now = time.monotonic()
+            if not waiting:
+                return
+            if cfg.wait_for_sources == "any" and len(waiting) < len(self.sources):
+                grace_end = grace_end or min(deadline, now + cfg.start_grace_s)
+                if now >= grace_end:
+                    break
+            if self._stop.is_set():
+                raise TransportError("stopped while waiting for the sources to connect")
+            if now >= deadline:
+                what = "every source" if cfg.wait_for_sources == "all" else "a source"
+                raise TransportError(
+                    "; ".join(f"source {self._source_name(s)} did not connect within "
+                              f"{cfg.connect_timeout_s} s: {self._last_error(s)}"
+                              for s in waiting)
+                    + f"; check that the broker/device is there and reachable (the start "
+                    f"waits for {what}: [daemon] wait_for_sources, connect_timeout_s)")
+        connected = [self._source_name(s) for s in self.sources if s not in waiting]
+        for src in waiting:
+            name = self._source_name(src)
+            self._pending[name] = [src, start, time.monotonic() + PENDING_WARN_PERIOD_S]
+            log.warning("source %s is not connected after %.1f s (%s); deciding from %s "
+                        "meanwhile, it keeps connecting in the background", name,
+                        time.monotonic() - start, self._last_error(src), connected)
+
+    def _check_pending(self) -> None:
+        """Log when a source that was not connected at start connects (or still not)."""
+        now = time.monotonic()
+        for name, entry in list(self._pending.items()):
+            src, since, next_warn = entry
+            if src.connected:
+                del self._pending[name]
+                log.info("source %s connected, %.1f s after the start", name, now - since)
+                self.notifier.notify(self._status())
+            elif now >= next_warn:  # a reminder once a period, not one per check
+                entry[2] = now + PENDING_WARN_PERIOD_S
+                log.warning("source %s still not connected, %.0f s after the start: %s",
+                            name, now - since, self._last_error(src))
 
     # --- the main loop ----------------------------------------------------
     def step(self) -> None:
@@ -210,9 +305,12 @@ class Daemon:
         if self.health.due(now):
             ok = self.health.check(now, self.sources, self._sink_failures)
             self._sink_failures = 0
-            self.metrics.healthy.set(1 if ok else 0)
+            self.metrics.set_state(loop_ok=ok)
+            if self._pending:
+                self._check_pending()
         if now - self._last_snapshot >= SNAPSHOT_PERIOD_S:
             self._snapshot()
+        self.monitor.beat()
 
     def _push(self, chunk) -> list[Decision]:
         # Latency counts from the source's receipt (the MQTT receiver process stamps
@@ -293,8 +391,8 @@ class Daemon:
         self.notifier.notify("READY=1", f"STATUS=running model {ident}")
 
     def _swap_model(self, model: OnnxModel) -> None:
-        """Replace the pipeline's model, keeping the aligner state and the per-node
-        decision counters (consumers dedupe on node + seq, so seq must not restart)."""
+        """Replace the pipeline's model, keeping the aligner state; seq is the window
+        index, so decision numbering carries over by itself."""
         self.pipeline.swap_model(model)
 
     # --- shutdown ---------------------------------------------------------
@@ -327,6 +425,7 @@ class Daemon:
             v for v in self.pipeline.stats()["fusion"]["decisions"].values()))
 
     def close(self) -> None:
+        self.monitor.stop()
         for src in self.sources:
             try:
                 src.close()
@@ -358,11 +457,23 @@ class Daemon:
         self._last_snapshot = time.monotonic()
         stats = self.pipeline.stats()
         snap = {"streams": stats["streams"], "aligner": stats["aligner"],
+                "fusion": stats.get("fusion", {}), "timing": stats.get("timing", {}),
                 "sources": {self._source_name(s): s.stats() for s in self.sources},
-                "pending_windows": self.pipeline.pending_windows()}
+                "sinks": {}, "pending_windows": self.pipeline.pending_windows()}
+        for name, sink in self.sinks:
+            snap["sinks"][name] = sink.stats()
         if self.mqtt_sink is not None:
-            snap["mqtt_sink"] = self.mqtt_sink.stats()
+            snap["mqtt_sink"] = snap["sinks"].get("mqtt") or self.mqtt_sink.stats()
         self.metrics.update(snap)
+
+
+def _open_output(path: str, what: str, key: str):
+    """A text file to append to; ConfigError naming the path, the cause and the key."""
+    try:
+        return open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed by Daemon.close
+    except OSError as exc:
+        raise ConfigError(f"cannot write {what} to {path}: {exc.strerror or exc}; choose a "
+                          f"writable path for {key}") from exc
 
 
 def run_daemon(config: Config) -> int:

@@ -18,6 +18,19 @@ FALLBACK_ABSTAIN = "abstain"
 
 @dataclass(frozen=True)
 class Decision:
+    """The model's answer for window ``seq`` of ``node``.
+
+    ``seq`` is the window's index on the absolute timeline: the window spans
+    [seq * hop_ns, seq * hop_ns + window_ns) (``window_start_ns`` is
+    ``seq * hop_ns``). It increases per node but skips the numbers of windows
+    that had no data (a silent node, a gap), and it is the same live and in
+    replay, across restarts and model reloads (a reload that would change
+    hop_ns is refused). So ``(node, seq)`` names one window for good:
+    consumers deduplicate on it, and a window decided again after a crash
+    carries the same key. Only a model with another hop_ns, deployed by a
+    restart, numbers windows anew; ``window_start_ns`` tells those apart.
+    """
+
     node: str
     seq: int
     window_start_ns: int

@@ -43,7 +43,15 @@ class ConfigError(EdgefuseError):
 
 
 class WireFormatError(EdgefuseError, ValueError):
-    """A chunk on the wire (JSON or binary) is malformed."""
+    """A chunk on the wire (JSON or binary) is malformed.
+
+    reason: a counter name for the sources when the decoder knows better than
+    the payload's shape (e.g. "bad_rate", "bad_time"); None otherwise.
+    """
+
+    def __init__(self, message: str, *, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason
 
 
 class TransportError(EdgefuseError, OSError):

@@ -35,7 +35,8 @@ UNKNOWN_REASON = "unknown"
 
 
 class Fuser:
-    """Turns windows into decisions; keeps a per-node decision counter (``seq``)."""
+    """Turns windows into decisions. Stateless across windows but for its counters:
+    a decision's ``seq`` is its window's index (see Decision), not a count."""
 
     def __init__(self, model: OnnxModel, abstain_below: float = 0.0, max_batch: int = 64):
         if not 0.0 <= float(abstain_below) <= 1.0:
@@ -48,16 +49,8 @@ class Fuser:
         self.contract = model.contract
         self.abstain_below = float(abstain_below)
         self.max_batch = max_batch
-        self._seq: dict[str, int] = {}
         self.routes: Counter[str] = Counter()   # decisions per fallback value
         self.batches: Counter[str] = Counter()  # ORT calls per route
-
-    def seq_state(self) -> dict[str, int]:
-        """The next decision seq of every node (to carry over a model swap)."""
-        return dict(self._seq)
-
-    def restore_seq_state(self, seqs: dict[str, int]) -> None:
-        self._seq = dict(seqs)
 
     def counters(self) -> dict[str, dict[str, int]]:
         """Decisions and ORT calls per route, for metrics."""
@@ -131,11 +124,10 @@ class Fuser:
             label = labels[top]
             if missing and float(probs[top]) < self.abstain_below:
                 label, route = None, FALLBACK_ABSTAIN
-        seq = self._seq.get(w.node, 0)
-        self._seq[w.node] = seq + 1
         self.routes[route] += 1
         return Decision(
-            node=w.node, seq=seq, window_start_ns=int(w.start_ns), window_end_ns=int(w.end_ns),
+            node=w.node, seq=int(w.index), window_start_ns=int(w.start_ns),
+            window_end_ns=int(w.end_ns),
             label=label, scores=scores, used=present, missing=missing, fallback=route,
             missing_reason={m: w.missing_reason.get(m, UNKNOWN_REASON) for m in missing},
             model=self.contract.ident, coverage=dict(w.coverage))

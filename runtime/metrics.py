@@ -6,24 +6,46 @@ Two kinds:
   latency histogram (the closing chunk's arrival -> decision handed to the
   sinks), decisions per fallback, missing modalities per reason;
 - state metrics read from a snapshot of the counters the sources, the
-  aligner and the sinks already keep. The main loop takes that snapshot
-  (``DaemonMetrics.update``) about once a second, so a scrape never touches
-  objects the loop is mutating; a scrape sees values at most that old.
+  aligner, the streams, the fuser and the sinks already keep. The main loop
+  takes that snapshot (``DaemonMetrics.update``) about once a second, so a
+  scrape never touches objects the loop is mutating; a scrape sees values at
+  most that old.
 
-Metric names start with ``edgefuse_``; per-stream series carry ``node`` and
-``modality`` labels, per-source series a ``source`` label.
+The snapshot is exported generically, so a counter added to any ``stats()``
+appears without code here:
+
+    edgefuse_stream_<key>_total{node,modality}   aligner per-stream counters
+    edgefuse_source_<key>_total{source}          each source's stats()
+    edgefuse_aligner_<key>_total                 the aligner's own counters
+    edgefuse_fusion_<key>_total{route}           fuser counters (decisions, batches)
+    edgefuse_pipeline_<key>_total                pipeline timing (``*_s`` -> ``*_seconds``)
+    edgefuse_sink_<key>_total{sink}              each sink's stats()
+
+A value is a counter unless it is a bool or its key is in ``GAUGES`` (a level,
+not a count: add new levels there); a dict of numbers becomes one family with
+an extra label (``reason`` for ``malformed``, ``route`` for fusion, else
+``kind``); strings and None are not exported. A generic name that would clash
+with a metric defined here is skipped. The names metrics.py used before the
+generic export (``edgefuse_stream_late_chunks``, ``edgefuse_aligner_events``,
+``edgefuse_outbox_*`` ...) are kept.
+
+Label cardinality is bounded: stream series by ``aligner.max_nodes`` times the
+model's modalities (evicted nodes drop out of the snapshot), source and sink
+series by the config, reason/kind labels by the fixed sets the code counts.
 """
 from __future__ import annotations
 
 import logging
+import re
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from edgefuse.runtime.decision import Decision
+from edgefuse.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +53,16 @@ log = logging.getLogger(__name__)
 LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1,
                    0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
-# aligner per-stream counter -> (metric suffix, help)
+# Stats keys that are levels, not counts (exported as gauges under their own name).
+GAUGES = frozenset({"rate_hz", "drift_ppm", "queued", "depth", "inflight", "nodes", "streams",
+                    "pending", "pending_chunks", "buffered_bytes",
+                    # the outbox's levels, also as the decision sink reports them
+                    "acks_pending", "disk_full", "outbox_depth", "outbox_acks_pending",
+                    "outbox_disk_full"})
+# Derived sums that would duplicate a family (``malformed_total`` sums ``malformed``).
+SKIPPED = frozenset({"malformed_total"})
+
+# aligner per-stream counter -> (metric suffix, help); other keys keep their own name
 STREAM_COUNTERS = {
     "chunks": ("chunks", "chunks pushed into the aligner"),
     "samples": ("samples", "samples pushed into the aligner"),
@@ -41,8 +72,14 @@ STREAM_COUNTERS = {
     "out_of_order": ("out_of_order_chunks", "chunks that arrived before an earlier one"),
     "reorder_overflow": ("reorder_overflow_chunks", "chunks forced out of the reorder buffer"),
     "unknown_rate_chunks": ("unknown_rate_chunks", "chunks dropped: no rate known yet"),
+    "overlap_samples": ("overlap_samples", "leading samples dropped: already covered"),
+    "nonfinite_samples": ("nonfinite_samples", "NaN or infinite samples"),
+    "rate_hz": ("rate_hz", "sample rate in use (given or estimated)"),
 }
-# source counter -> help
+# per-stream counters of chunks the aligner dropped (their sum: edgefuse_stream_drops)
+DROP_COUNTERS = ("late", "duplicates", "reorder_overflow", "unknown_rate_chunks",
+                 "bad_rate_chunks", "bad_time_chunks")
+# source counter -> help; these are exported for every source (0 when it lacks them)
 SOURCE_COUNTERS = {
     "received": "messages received by the transport",
     "decoded": "messages decoded into chunks",
@@ -55,14 +92,86 @@ SOURCE_COUNTERS = {
     "disconnects": "losses of the transport",
     "receiver_starts": "starts of the MQTT receiver process (1 + restarts after it died)",
 }
+SOURCE_DOCS = {
+    "malformed": "messages skipped as malformed, by reason",
+    "connected": "1 while the transport is up",
+    "queued": "chunks waiting to be read",
+    "bytes": "bytes read from the serial port",
+    "skipped_bytes": "bytes skipped while looking for the next frame or line",
+    "open_failures": "failed attempts to open the serial port",
+}
+
+_NAME_BAD = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def _metric_key(key: str) -> str:
+    key = _NAME_BAD.sub("_", str(key))
+    return key[:-2] + "_seconds" if key.endswith("_s") else key
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class _Families:
+    """Metric families built for one scrape; a name is taken once (first wins)."""
+
+    def __init__(self, reserved: Iterable[str]):
+        self._taken = set(reserved)
+        # name -> (family, gauge?, label names)
+        self._fams: dict[str, tuple[CounterMetricFamily | GaugeMetricFamily, bool, tuple]] = {}
+
+    def get(self, name: str, doc: str, labels: list[str], gauge: bool):
+        entry = self._fams.get(name)
+        if entry is None:
+            if name in self._taken:
+                return None  # clashes with a metric of its own: see the module docstring
+            self._taken.add(name)
+            cls = GaugeMetricFamily if gauge else CounterMetricFamily
+            entry = (cls(name, doc, labels=labels), gauge, tuple(labels))
+            self._fams[name] = entry
+        elif entry[1:] != (gauge, tuple(labels)):
+            return None  # the same key changed kind between two objects: keep the first
+        return entry[0]
+
+    def add(self, name: str, doc: str, labels: list[str], values: list[str], value: float,
+            gauge: bool) -> None:
+        fam = self.get(name, doc, labels, gauge)
+        if fam is not None:
+            fam.add_metric(values, float(value))
+
+    def export(self, prefix: str, what: str, labels: list[str], values: list[str],
+               stats: Mapping, *, names: Mapping[str, str] | None = None,
+               docs: Mapping[str, str] | None = None, dict_label: str = "kind") -> None:
+        """Every numeric stat of one object (see the module docstring)."""
+        for key, value in stats.items():
+            if key in SKIPPED or value is None or isinstance(value, str):
+                continue
+            name = f"{prefix}_{(names or {}).get(key, _metric_key(key))}"
+            doc = (docs or {}).get(key) or f"{what} stat {key!r} (see its stats())"
+            if isinstance(value, Mapping):
+                sub_label = "reason" if key == "malformed" else dict_label
+                for sub, n in value.items():
+                    if _is_number(n):
+                        self.add(name, doc, [*labels, sub_label], [*values, str(sub)], n,
+                                 gauge=False)
+                continue
+            if isinstance(value, bool):
+                self.add(name, doc, labels, values, 1.0 if value else 0.0, gauge=True)
+            elif _is_number(value):
+                self.add(name, doc, labels, values, value, gauge=key in GAUGES)
+
+    def __iter__(self) -> Iterator:
+        return (fam for fam, _, _ in self._fams.values())
 
 
 class _SnapshotCollector(Collector):
     """Builds metric families from the latest snapshot at scrape time."""
 
-    def __init__(self) -> None:
+    def __init__(self, reserved: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._snap: dict = {}
+        self._reserved = frozenset(reserved)
 
     def set(self, snap: dict) -> None:
         with self._lock:
@@ -71,73 +180,67 @@ class _SnapshotCollector(Collector):
     def collect(self):
         with self._lock:
             snap = self._snap
-        streams: Mapping[str, dict] = snap.get("streams", {})
-        for key, (suffix, doc) in STREAM_COUNTERS.items():
-            fam = CounterMetricFamily(f"edgefuse_stream_{suffix}", doc,
-                                      labels=["node", "modality"])
-            for name, c in streams.items():
-                node, modality = name.rsplit("/", 1)
-                fam.add_metric([node, modality], float(c.get(key, 0)))
-            yield fam
-        drops = CounterMetricFamily(
-            "edgefuse_stream_drops", "chunks of the stream dropped by the aligner (late, "
-            "duplicate, reorder overflow, unknown rate)", labels=["node", "modality"])
-        for name, c in streams.items():
-            node, modality = name.rsplit("/", 1)
-            drops.add_metric([node, modality], float(
-                c.get("late", 0) + c.get("duplicates", 0) + c.get("reorder_overflow", 0)
-                + c.get("unknown_rate_chunks", 0)))
-        yield drops
-        rate = GaugeMetricFamily("edgefuse_stream_rate_hz", "sample rate in use (given or "
-                                 "estimated)", labels=["node", "modality"])
-        for name, c in streams.items():
-            rate.add_metric(name.rsplit("/", 1), float(c.get("rate_hz", 0.0)))
-        yield rate
-
-        sources: Mapping[str, dict] = snap.get("sources", {})
-        for key, doc in SOURCE_COUNTERS.items():
-            fam = CounterMetricFamily(f"edgefuse_source_{key}", doc, labels=["source"])
-            for name, s in sources.items():
-                fam.add_metric([name], float(s.get(key, 0)))
-            yield fam
-        bad = CounterMetricFamily("edgefuse_source_malformed", "messages skipped as malformed, "
-                                  "by reason", labels=["source", "reason"])
-        connected = GaugeMetricFamily("edgefuse_source_connected", "1 while the transport is up",
-                                      labels=["source"])
-        queued = GaugeMetricFamily("edgefuse_source_queued", "chunks waiting to be read",
-                                   labels=["source"])
-        for name, s in sources.items():
-            for reason, n in s.get("malformed", {}).items():
-                bad.add_metric([name, reason], float(n))
-            connected.add_metric([name], 1.0 if s.get("connected") else 0.0)
-            queued.add_metric([name], float(s.get("queued", 0)))
-        yield bad
-        yield connected
-        yield queued
+        fams = _Families(self._reserved)
+        self._streams(fams, snap.get("streams", {}))
+        self._sources(fams, snap.get("sources", {}))
 
         aligner = snap.get("aligner", {})
-        fam = CounterMetricFamily("edgefuse_aligner_events", "aligner events by kind",
-                                  labels=["kind"])
+        events = fams.get("edgefuse_aligner_events", "aligner events by kind (also exported "
+                          "one family per kind, edgefuse_aligner_<kind>_total)", ["kind"],
+                          gauge=False)
         for kind, n in aligner.items():
-            fam.add_metric([kind], float(n))
-        yield fam
+            if _is_number(n) and kind not in GAUGES:
+                events.add_metric([kind], float(n))
+        fams.export("edgefuse_aligner", "aligner", [], [], aligner)
+        fams.export("edgefuse_fusion", "fuser", [], [], snap.get("fusion", {}),
+                    dict_label="route")
+        fams.export("edgefuse_pipeline", "pipeline", [], [], snap.get("timing", {}))
 
         sink = snap.get("mqtt_sink")
         if sink is not None:
-            yield GaugeMetricFamily("edgefuse_outbox_depth", "decisions waiting in the outbox "
-                                    "for the broker's acknowledgement",
-                                    value=float(sink.get("outbox_depth", 0)))
-            fam = CounterMetricFamily("edgefuse_outbox_events", "outbox and publisher events",
-                                      labels=["kind"])
+            fams.add("edgefuse_outbox_depth", "decisions waiting in the outbox for the "
+                     "broker's acknowledgement", [], [], sink.get("outbox_depth", 0), gauge=True)
             for kind in ("outbox_put", "outbox_acked", "outbox_dropped_full", "published",
                          "rejected", "disconnects"):
-                fam.add_metric([kind], float(sink.get(kind, 0)))
-            yield fam
-            yield GaugeMetricFamily("edgefuse_decision_publisher_connected",
-                                    "1 while the decision publisher has the broker",
-                                    value=1.0 if sink.get("connected") else 0.0)
-        yield GaugeMetricFamily("edgefuse_pending_windows", "windows waiting for a batch",
-                                value=float(snap.get("pending_windows", 0)))
+                fams.add("edgefuse_outbox_events", "outbox and publisher events", ["kind"],
+                         [kind], sink.get(kind, 0), gauge=False)
+            fams.add("edgefuse_decision_publisher_connected", "1 while the decision publisher "
+                     "has the broker", [], [], 1.0 if sink.get("connected") else 0.0, gauge=True)
+        for name, stats in snap.get("sinks", {}).items():
+            fams.export("edgefuse_sink", "sink", ["sink"], [name], stats)
+        fams.add("edgefuse_pending_windows", "windows waiting for a batch", [], [],
+                 snap.get("pending_windows", 0), gauge=True)
+        yield from fams
+
+    @staticmethod
+    def _streams(fams: _Families, streams: Mapping[str, dict]) -> None:
+        # the fixed families first, so that they exist (empty) before any stream does
+        for suffix, doc in STREAM_COUNTERS.values():
+            fams.get(f"edgefuse_stream_{suffix}", doc, ["node", "modality"],
+                     gauge=suffix in GAUGES)
+        drops = fams.get("edgefuse_stream_drops", "chunks of the stream dropped by the aligner "
+                         "(late, duplicate, reorder overflow, unknown or refused rate, "
+                         "refused time)", ["node", "modality"], gauge=False)
+        names = {key: suffix for key, (suffix, _) in STREAM_COUNTERS.items()}
+        docs = {key: doc for key, (_, doc) in STREAM_COUNTERS.items()}
+        for name, c in streams.items():
+            node, modality = name.rsplit("/", 1)
+            fams.export("edgefuse_stream", "stream", ["node", "modality"], [node, modality], c,
+                        names=names, docs=docs)
+            drops.add_metric([node, modality], float(sum(
+                c.get(key, 0) for key in DROP_COUNTERS)))
+
+    @staticmethod
+    def _sources(fams: _Families, sources: Mapping[str, dict]) -> None:
+        fams.get("edgefuse_source_malformed", SOURCE_DOCS["malformed"], ["source", "reason"],
+                 gauge=False)
+        docs = {**SOURCE_COUNTERS, **SOURCE_DOCS}
+        for name, s in sources.items():
+            # the long-standing families exist for every source, 0 where it lacks them
+            defaults = {key: 0 for key in SOURCE_COUNTERS}
+            defaults.update(connected=False, queued=0)
+            fams.export("edgefuse_source", "source", ["source"], [name], {**defaults, **s},
+                        docs=docs)
 
 
 class DaemonMetrics:
@@ -164,16 +267,31 @@ class DaemonMetrics:
         self.reloads = Counter("edgefuse_model_reloads", "SIGHUP model reloads by result",
                                ["result"], registry=r)
         self.loops = Counter("edgefuse_loop_iterations", "main loop iterations", registry=r)
+        self.stalls = Counter("edgefuse_loop_stalls", "times the main loop was stuck longer "
+                              "than [daemon] stall_timeout_s", registry=r)
+        self.loop_idle = Gauge("edgefuse_loop_idle_seconds", "seconds since the main loop last "
+                               "completed an iteration", registry=r)
         self.healthy = Gauge("edgefuse_healthy", "1 while the main loop's health check "
-                             "passes", registry=r)
+                             "passes and the loop is not stuck", registry=r)
         self.ready = Gauge("edgefuse_ready", "1 once the model is loaded and the sources are "
-                           "connected", registry=r)
+                           "connected (0 again while the main loop is stuck)", registry=r)
         self.model_info = Gauge("edgefuse_model_info", "the model in use", ["model"],
                                 registry=r)
-        self._snapshot = _SnapshotCollector()
+        # The generic snapshot export must not reuse a name defined above.
+        reserved = set()
+        for metric in (self.latency, self.decisions, self.windows, self.missing,
+                       self.missing_rate, self.sink_errors, self.reloads, self.loops,
+                       self.stalls, self.loop_idle, self.healthy, self.ready, self.model_info):
+            reserved.update(m.name for m in metric.describe())
+        self._snapshot = _SnapshotCollector(reserved)
         r.register(self._snapshot)
         self._missing_counts: dict[str, list[int]] = {}
         self._server = None
+        # healthy/ready combine the loop's own verdict with the stall monitor's (two threads)
+        self._state_lock = threading.Lock()
+        self._loop_ok = False
+        self._started = False
+        self._stalled = False
 
     def observe(self, decisions: Iterable[Decision], modalities: Iterable[str]) -> None:
         """Count decisions, their fallback route and which modalities were missing."""
@@ -190,6 +308,22 @@ class DaemonMetrics:
         for m, (missing, total) in self._missing_counts.items():
             self.missing_rate.labels(m).set(missing / total if total else 0.0)
 
+    def set_state(self, *, loop_ok: bool | None = None, ready: bool | None = None,
+                  stalled: bool | None = None) -> None:
+        """healthy = the loop's last health check passed and the loop is not stuck;
+        ready = start-up finished and the loop is not stuck."""
+        with self._state_lock:
+            if loop_ok is not None:
+                self._loop_ok = loop_ok
+            if ready is not None:
+                self._started = ready
+            if stalled is not None:
+                self._stalled = stalled
+                if stalled:
+                    self.stalls.inc()
+            self.healthy.set(1 if self._loop_ok and not self._stalled else 0)
+            self.ready.set(1 if self._started and not self._stalled else 0)
+
     def set_model(self, ident: str) -> None:
         self.model_info.clear()
         self.model_info.labels(ident).set(1)
@@ -199,7 +333,13 @@ class DaemonMetrics:
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint (a daemon thread); returns the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; another "
+                "process may hold the port: choose a free one with [metrics] port (or "
+                "--metrics HOST:PORT), or stop the other process") from exc
         self._server = server
         bound = server.server_address[1]
         log.info("metrics on http://%s:%d/metrics", host, bound)

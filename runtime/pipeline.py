@@ -73,14 +73,12 @@ class Pipeline:
         return self._run() if self._pending else []
 
     def swap_model(self, model: OnnxModel) -> None:
-        """Decide with ``model`` from now on (SIGHUP reload). The aligner state and
-        the per-node decision counters carry over: consumers dedupe on (node, seq),
-        so seq must not restart. The caller checks the windows are cut alike."""
-        seqs = self.fuser.seq_state()
+        """Decide with ``model`` from now on (SIGHUP reload). The aligner state carries
+        over; seq needs no carrying: it is the window index, so it goes on where it
+        was as long as the windows are cut alike, which the caller checks."""
         self.model = model
         self.fuser = Fuser(model, abstain_below=self.config.abstain_below,
                            max_batch=self.config.max_batch)
-        self.fuser.restore_seq_state(seqs)
 
     def pending_windows(self) -> int:
         return len(self._pending)

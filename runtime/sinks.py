@@ -6,6 +6,8 @@
   publisher thread drains it while the broker is there and deletes a row
   only after the broker's PUBACK for it. While the broker is away paho
   reconnects with capped exponential backoff and the rows wait on disk.
+  On a full disk the outbox drops and counts what it cannot queue instead
+  of raising (see runtime.outbox), so the other sinks go on.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from edgefuse.runtime import mqtt_client
 from edgefuse.runtime.decision import Decision
 from edgefuse.runtime.errors import ConfigError
 from edgefuse.runtime.outbox import Outbox
+from edgefuse.runtime.ratelimit import WarnLimiter
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,10 @@ class Sink(ABC):
 
     def flush(self) -> None:  # noqa: B027 - optional for sinks that do not buffer
         """Push buffered decisions out."""
+
+    def stats(self) -> dict:
+        """Numeric counters of this sink (exported as metrics)."""
+        return {}
 
     @abstractmethod
     def close(self) -> None: ...
@@ -76,6 +83,9 @@ class JsonlSink(Sink):
     def write(self, decision: Decision) -> None:
         self._file.write(decision.to_json() + "\n")
         self.written += 1
+
+    def stats(self) -> dict:
+        return {"written": self.written}
 
     def flush(self) -> None:
         self._file.flush()
@@ -118,6 +128,7 @@ class MqttDecisionSink(Sink):
         self._refusals: dict[int, int] = {}      # refused row id -> times refused
         self._counts = {"published": 0, "acked": 0, "rejected": 0, "connects": 0,
                         "disconnects": 0}
+        self._warner = WarnLimiter(log)
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -139,10 +150,14 @@ class MqttDecisionSink(Sink):
         self.write_many([decision])
 
     def write_many(self, decisions: Iterable[Decision]) -> None:
-        """Durable once this returns; one fsync for the whole batch."""
+        """Durable once this returns; one fsync for the whole batch.
+
+        On a full disk the outbox drops the batch and counts it (stats
+        ``outbox_dropped_disk_full``, one warning per episode) instead of raising,
+        so the daemon's other sinks keep taking decisions.
+        """
         items = [(self.topic.format(node=d.node), d.to_json().encode()) for d in decisions]
-        if items:
-            self.outbox.put_many(items)
+        if items and self.outbox.put_many(items):
             self._wake.set()
 
     def flush(self, timeout_s: float = 5.0) -> bool:
@@ -171,11 +186,15 @@ class MqttDecisionSink(Sink):
         out["connected"] = self.connected
         return out
 
+    @property
+    def last_error(self) -> str | None:
+        """Why the publisher's last connection attempt failed; None while connected."""
+        return self._client.status.last_error
+
     # --- paho callbacks (network thread: record and wake, nothing slow) ---
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.warning("MQTT broker refused the decision publisher: %s", reason_code)
-            return
+            return  # mqtt_client logs the refusal with its cause, rate-limited
         with self._lock:
             self._counts["connects"] += 1
         self._connected.set()
@@ -185,8 +204,8 @@ class MqttDecisionSink(Sink):
         if self._connected.is_set() and not self._closing:
             with self._lock:
                 self._counts["disconnects"] += 1
-            log.warning("decision publisher lost the broker (%s); decisions wait in the outbox",
-                        reason_code)
+            self._warner.warn("lost", "decision publisher lost the broker (%s); decisions "
+                              "wait in the outbox", reason_code)
         self._connected.clear()
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
@@ -217,8 +236,11 @@ class MqttDecisionSink(Sink):
     def _apply_acks(self) -> None:
         with self._lock:
             acked, self._acked = self._acked, []
-        if acked:
-            n = self.outbox.ack(acked)
+        # Called even with nothing new: the outbox then retries the deletes a full
+        # disk refused (it keeps those ids and peek() skips them, so an
+        # acknowledged row is not published again meanwhile).
+        n = self.outbox.ack(acked)
+        if n:
             with self._lock:
                 self._counts["acked"] += n
 

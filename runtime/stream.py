@@ -18,11 +18,50 @@ from typing import Callable
 import numpy as np
 
 from edgefuse.runtime import kernels
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.chunk import RATE_MAX_HZ, RATE_MIN_HZ, T0_MAX_NS, Chunk, t0_ok
 from edgefuse.runtime.contract import ModalitySpec
 from edgefuse.runtime.filters import butter4_lowpass_sos
 
 log = logging.getLogger(__name__)
+
+# The input rates a stream accepts, relative to the model's grid rate of its
+# modality: [grid / 100, grid * 1000), within chunk's absolute bounds.
+# - Below grid/100 one input sample would be stretched over more than 100 grid
+#   points: no sensor of the modality runs that slowly, gap_tolerance (in input
+#   periods) would bridge minutes, and 100 grid points per input sample is the
+#   most resampling work we let one sample cause, so work per chunk stays bounded
+#   by its sample count. (At 1e-300 Hz one 3-sample chunk spanned some 1e300 windows.)
+# - At grid*1000 and above the order-4 anti-alias low-pass would have to cut at
+#   under 0.05 % of the input's Nyquist frequency: no meaningful decimation, and
+#   again no sensor of the modality; real drift is a few thousand ppm.
+RATE_RATIO_MIN = 0.01
+RATE_RATIO_MAX = 1000.0
+
+# Counter names of the reasons a chunk is refused before it touches a stream.
+BAD_RATE = "bad_rate_chunks"
+BAD_TIME = "bad_time_chunks"
+
+
+def rate_range(grid_hz: float) -> tuple[float, float]:
+    """[low, high) input rates accepted for a modality whose model grid rate is grid_hz."""
+    return (max(RATE_MIN_HZ, grid_hz * RATE_RATIO_MIN),
+            min(RATE_MAX_HZ, grid_hz * RATE_RATIO_MAX))
+
+
+def refusal(chunk: Chunk, grid_hz: float) -> tuple[str, str] | None:
+    """(counter, what is wrong) when chunk must be refused before it reaches a stream of a
+    modality with model grid rate grid_hz; None when it is within bounds."""
+    if not t0_ok(chunk.t0_ns):
+        return BAD_TIME, (f"t0_ns {chunk.t0_ns} is outside [0, 2**62) ns since the epoch; "
+                          "check the sender's clock")
+    if chunk.rate_hz is not None:
+        lo, hi = rate_range(grid_hz)
+        rate = float(chunk.rate_hz)
+        if not lo <= rate < hi:
+            return BAD_RATE, (f"rate_hz {rate!r} is outside [{lo:g}, {hi:g}) Hz, the range "
+                              f"accepted for a modality the model samples at {grid_hz:g} Hz; "
+                              "send the sensor's real rate (or null to estimate it)")
+    return None
 
 
 @dataclass
@@ -39,6 +78,9 @@ class StreamCounters:
     reorder_overflow: int = 0    # pending chunks forced out because the buffer was full
     nonfinite_samples: int = 0
     unknown_rate_chunks: int = 0  # dropped: no rate given and none estimable
+    bad_rate_chunks: int = 0     # refused: rate outside the modality's range (rate_range)
+    bad_time_chunks: int = 0     # refused: t0 or t0 + span outside [0, 2**62) ns
+    bad_rate_estimates: int = 0  # estimates outside the range, not used (estimation restarted)
     rate_hz: float = 0.0         # rate in use (given or estimated)
     rate_estimated: bool = False
     drift_ppm: float | None = 0.0  # (rate in use - nominal) / nominal; None: no nominal
@@ -60,10 +102,14 @@ class StreamState:
     def __init__(self, node: str, spec: ModalitySpec, hop_ns: int, window_samples: int,
                  ring_samples: int, reorder_horizon_ns: int, gap_tolerance: float,
                  max_pending: int, rate_history: int, antialias: bool,
-                 make_room: Callable[["StreamState", int], None]):
+                 make_room: Callable[["StreamState", int], None],
+                 warn: Callable[..., object] | None = None):
         self.node = node
         self.spec = spec
         self.fs = spec.rate_hz
+        self.rate_lo, self.rate_hi = rate_range(spec.rate_hz)
+        # warn(key, msg, *args): a WarnLimiter's warn (rate-limited per key)
+        self._warn = warn or (lambda key, msg, *args: log.warning(msg, *args))
         self.hop_ns = hop_ns
         self.window_samples = window_samples
         self.cap = ring_samples
@@ -91,6 +137,7 @@ class StreamState:
         self._sos: np.ndarray | None = None
         self._sos_rate = 0.0
         self._zi: np.ndarray | None = None
+        self._bad_estimate_of: tuple[int, int] | None = None  # (t0, seq) last counted
 
     # -- grid -------------------------------------------------------------
     def grid_index(self, t_ns: int) -> int:
@@ -101,6 +148,22 @@ class StreamState:
     def _pos(self, t_ns: int) -> float:
         assert self.anchor_ns is not None
         return (t_ns - self.anchor_ns) * self.fs / 1e9
+
+    def first_valid_from(self, g: int) -> int | None:
+        """The first grid index >= g holding valid data in the ring; None if none.
+        Scans at most one ring (older indices are overwritten, newer unwritten)."""
+        assert self.written_g is not None
+        lo, hi = max(g, self.written_g - self.cap), self.written_g
+        if lo >= hi:
+            return None
+        a = lo % self.cap
+        first = self.status[a:a + (hi - lo)]
+        hits = np.flatnonzero(first == kernels.STATUS_VALID)
+        if hits.size:
+            return lo + int(hits[0])
+        rest = (hi - lo) - first.shape[0]  # the part that wrapped to the ring's start
+        hits = np.flatnonzero(self.status[:rest] == kernels.STATUS_VALID)
+        return lo + first.shape[0] + int(hits[0]) if hits.size else None
 
     # -- input ------------------------------------------------------------
     def push(self, chunk: Chunk) -> None:
@@ -128,9 +191,10 @@ class StreamState:
                 if final or len(self._pending) > self.max_pending:
                     heapq.heappop(self._pending)
                     self.counters.unknown_rate_chunks += 1
-                    log.warning("%s/%s: dropped chunk seq %d: its rate is unknown and cannot be "
-                                "estimated from one chunk; send rate_hz", self.node,
-                                self.spec.name, head.seq)
+                    self._warn((self.node, self.spec.name, "unknown_rate"),
+                               "%s/%s: dropped chunk seq %d: its rate is unknown and the chunk "
+                               "times give no estimate in [%g, %g) Hz; send rate_hz", self.node,
+                               self.spec.name, head.seq, self.rate_lo, self.rate_hi)
                     continue
                 return
             if not (final or self._ready(head, rate)):
@@ -138,6 +202,15 @@ class StreamState:
                     return
                 self.counters.reorder_overflow += 1
             heapq.heappop(self._pending)
+            if head.t0_ns + head.n * 1e9 / rate >= T0_MAX_NS:
+                # t0 and rate are each in range, but a long chunk at a slow rate
+                # near the end of the time range would run past it.
+                self.counters.bad_time_chunks += 1
+                self._warn((self.node, self.spec.name, BAD_TIME),
+                           "%s/%s seq %d refused: %d samples at %g Hz from t0_ns %d end past "
+                           "2**62 ns; check the sender's clock", self.node, self.spec.name,
+                           head.seq, head.n, rate, head.t0_ns)
+                continue
             self._consume(head, rate)
 
     def _ready(self, chunk: Chunk, rate: float) -> bool:
@@ -158,9 +231,38 @@ class StreamState:
         return self._max_seen_t0 - chunk.t0_ns >= self.horizon_ns
 
     def _rate_for(self, chunk: Chunk) -> float | None:
-        """The given rate, or one estimated from chunk start times."""
+        """The given rate, or one estimated from chunk start times (within the
+        modality's range), or the nominal one; None when there is none."""
         if chunk.rate_hz is not None and not chunk.rate_is_nominal:
             return float(chunk.rate_hz)
+        for _ in range(2):  # the second try estimates afresh, without the history
+            estimate = self._estimate(chunk)
+            if estimate is None or self.rate_lo <= estimate < self.rate_hi:
+                break
+            self._refuse_estimate(chunk, estimate)
+            estimate = None
+        if estimate is not None:
+            return estimate
+        return float(chunk.rate_hz) if chunk.rate_hz is not None else None
+
+    def _refuse_estimate(self, chunk: Chunk, estimate: float) -> None:
+        """An estimate outside the modality's range comes from absurd chunk times
+        (chunks 1e18 ns apart), not from a sensor: drop the history it came from.
+        Counted once per chunk, however often the reorder buffer asks."""
+        self._history.clear()
+        key = (chunk.t0_ns, chunk.seq)
+        if self._bad_estimate_of == key:
+            return
+        self._bad_estimate_of = key
+        self.counters.bad_rate_estimates += 1
+        self._warn((self.node, self.spec.name, "bad_rate_estimate"),
+                   "%s/%s seq %d: the rate estimated from chunk times, %g Hz, is outside "
+                   "[%g, %g) Hz; not used, estimating afresh (are the sender's t0_ns right? "
+                   "send rate_hz)", self.node, self.spec.name, chunk.seq, estimate,
+                   self.rate_lo, self.rate_hi)
+
+    def _estimate(self, chunk: Chunk) -> float | None:
+        """The rate implied by the start times of this stream's recent chunks."""
         hist = self._history
         if len(hist) >= 2 and hist[-1][0] > hist[0][0]:
             return sum(n for _, n in list(hist)[:-1]) * 1e9 / (hist[-1][0] - hist[0][0])

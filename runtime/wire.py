@@ -12,7 +12,7 @@ Binary layout, little-endian, 40-byte header then samples:
     5      1     dtype  1=int16, 2=float32, 3=int32
     6      2     channels (uint16, >= 1)
     8      8     rate_hz (float64; 0 = unknown, the aligner estimates it)
-    16     8     t0_ns (int64, device time of the first sample)
+    16     8     t0_ns (int64, device time of the first sample, ns since the epoch)
     24     8     seq (int64)
     32     4     full_scale (float32; 0 = unknown)
     36     4     reserved (0)
@@ -21,6 +21,10 @@ Binary layout, little-endian, 40-byte header then samples:
 JSON: {"t0_ns": int, "rate_hz": float|null, "seq": int,
        "values": [[...], ...] or [...] for one channel,
        "full_scale": float (optional)}
+
+Both decoders refuse (WireFormatError) a rate outside [1e-3, 1e7) Hz and a
+t0_ns outside [0, 2**62): the bounds of ``edgefuse.runtime.chunk``. The
+aligner narrows the rate further to a range around each modality's rate.
 """
 from __future__ import annotations
 
@@ -30,7 +34,7 @@ import struct
 
 import numpy as np
 
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.chunk import RATE_MAX_HZ, RATE_MIN_HZ, T0_MIN_NS, Chunk, rate_ok, t0_ok
 from edgefuse.runtime.errors import InputError, WireFormatError
 
 MAGIC = b"EFCK"
@@ -104,8 +108,11 @@ def decode_binary(payload: bytes, node: str, modality: str,
             f"{dt} frames ({frame} bytes each): truncated?"
         )
     values = np.frombuffer(payload, dtype=dt, offset=HEADER_SIZE).reshape(-1, channels)
-    if not (math.isfinite(rate) and 0.0 <= rate < 1e7):
-        raise WireFormatError(f"rate_hz must be in [0, 1e7) (0 = unknown), found {rate!r}")
+    if rate != 0.0 and not rate_ok(rate):
+        raise WireFormatError(f"{node}/{modality} seq {seq}: rate_hz must be 0 (unknown) or in "
+                              f"[{RATE_MIN_HZ:g}, {RATE_MAX_HZ:g}) Hz, found {rate!r}",
+                              reason="bad_rate")
+    _check_t0(t0_ns, node, modality, seq)
     try:
         return Chunk(node, modality, t0_ns, rate or None, values.astype(np.float32), seq,
                      full_scale=float(full_scale) or None)
@@ -130,6 +137,14 @@ def _require_int(obj: dict, key: str) -> int:
     return value
 
 
+def _check_t0(t0_ns: int, node: str, modality: str, seq: int) -> None:
+    if not t0_ok(t0_ns):
+        raise WireFormatError(
+            f"{node}/{modality} seq {seq}: t0_ns must be in [{T0_MIN_NS}, 2**62) ns since "
+            f"the UNIX epoch, found {t0_ns}; check the sender's clock",
+            reason="bad_time")
+
+
 def _finite_number(value: object, low: float, high: float) -> bool:
     """A real number (not bool) with low < value < high; huge JSON ints are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -148,8 +163,11 @@ def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
     t0_ns = _require_int(obj, "t0_ns")
     seq = _require_int(obj, "seq")
     rate = obj.get("rate_hz")
-    if rate is not None and not _finite_number(rate, 0.0, 1e7):
-        raise WireFormatError(f"rate_hz must be a number in (0, 1e7) or null, found {rate!r}")
+    if rate is not None and not rate_ok(rate):
+        raise WireFormatError(f"{node}/{modality} seq {seq}: rate_hz must be a number in "
+                              f"[{RATE_MIN_HZ:g}, {RATE_MAX_HZ:g}) Hz or null (unknown), "
+                              f"found {rate!r}", reason="bad_rate")
+    _check_t0(t0_ns, node, modality, seq)
     raw = obj.get("values")
     if not isinstance(raw, list) or not raw:
         raise WireFormatError("JSON chunk field 'values' must be a non-empty list "

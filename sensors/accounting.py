@@ -1,5 +1,12 @@
 """What every source counts, and why it refuses a message.
 
+Every refused message is counted by reason and warned about with its topic
+(or port), node and modality where known: the first of each (where, reason)
+at once, then at most one line a minute with the count since
+(runtime.ratelimit). A flood of distinct topics cannot flood the log either:
+past REJECTION_BURST lines of one reason in a minute, the rest are summed up
+in one line per reason and minute.
+
 Standard library only: the MQTT receiver process (sensors.mqtt_receiver)
 imports this without numpy, so it stays small.
 """
@@ -7,11 +14,15 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from edgefuse.runtime.errors import WireFormatError
+from edgefuse.runtime.ratelimit import DEFAULT_PERIOD_S, WarnLimiter
 
 log = logging.getLogger(__name__)
+
+REJECTION_BURST = 20   # lines per reason and period before they are summed up
 
 # Why an incoming message was skipped (keys of stats()["malformed"]).
 BAD_TOPIC = "bad_topic"                # MQTT topic does not match the pattern
@@ -26,6 +37,8 @@ BAD_BINARY = "bad_binary"              # binary header values out of range (rate
 BAD_CSV = "bad_csv"                    # CSV line without modality,t_ns,values or non-numeric
 BAD_FRAME = "bad_frame"                # serial frame header CRC/length/name invalid
 BAD_CRC = "bad_crc"                    # serial frame body CRC mismatch
+BAD_RATE = "bad_rate"                  # rate_hz outside [0.001, 1e7) Hz (or not a number)
+BAD_TIME = "bad_time"                  # t0_ns outside [0, 2**62)
 
 
 class RejectedPayload(WireFormatError):
@@ -43,13 +56,46 @@ def unknown_modality(modality: str, allowed: Iterable[str]) -> RejectedPayload:
         "fix the sender or add it to allowed_modalities")
 
 
+class RejectionLog:
+    """Rate-limited rejection warnings of one source (see the module docstring)."""
+
+    def __init__(self, logger: logging.Logger = log, *, period_s: float = DEFAULT_PERIOD_S,
+                 burst: int = REJECTION_BURST, clock: Callable[[], float] = time.monotonic):
+        self.period_s = period_s
+        self.burst = burst
+        self._clock = clock
+        self._per_key = WarnLimiter(logger, period_s=period_s, clock=clock)
+        self._flood = WarnLimiter(logger, period_s=period_s, clock=clock)
+        self._windows: dict[str, list] = {}   # reason -> [window start, lines logged]
+        # WarnLimiter is not thread-safe and several transport threads may share
+        # one source; the lock only orders the bookkeeping and its log call.
+        self._lock = threading.Lock()
+
+    def warn(self, where: str, reason: str, msg: str, *args: object) -> None:
+        with self._lock:
+            now = self._clock()
+            window = self._windows.get(reason)
+            if window is None or now - window[0] >= self.period_s:
+                window = self._windows[reason] = [now, 0]
+            if window[1] < self.burst:
+                if self._per_key.warn((where, reason), msg, *args):
+                    window[1] += 1
+                return
+            self._flood.warn(reason, "more than %d sources sent %s messages within %.0f s; "
+                             "latest: " + msg, self.burst, reason, self.period_s, *args)
+
+
 class Counters:
-    """Thread-safe counters: plain names plus ``malformed`` by reason."""
+    """Thread-safe counters: plain names plus ``malformed`` by reason.
+
+    ``rejections``: the rate-limited warnings of count_rejection for this owner.
+    """
 
     def __init__(self, names: Iterable[str]):
         self._lock = threading.Lock()
         self._plain = {name: 0 for name in names}
         self._malformed: dict[str, int] = {}
+        self.rejections = RejectionLog()
 
     def add(self, name: str, n: int = 1) -> int:
         """Count; returns the value before adding."""
@@ -73,11 +119,22 @@ class Counters:
         return out
 
 
-def count_rejection(counters: Counters, exc: RejectedPayload) -> None:
-    """Count a refused message; warn on the first of each reason, then debug only."""
+def count_rejection(counters: Counters, exc: RejectedPayload, *, topic: str | None = None,
+                    node: str | None = None, modality: str | None = None,
+                    port: str | None = None) -> None:
+    """Count a refused message and warn, naming where it came from.
+
+    topic (MQTT) or port (serial), and node/modality where they were parsed;
+    the warning is rate-limited per (topic or port or node/modality, reason).
+    """
     if exc.reason == "oversized":
-        first = counters.add("oversized") == 0
+        counters.add("oversized")
     else:
-        first = counters.malformed(exc.reason)
-    log.log(logging.WARNING if first else logging.DEBUG,
-            "skipped message (%s): %s; further ones are counted in stats()", exc.reason, exc)
+        counters.malformed(exc.reason)
+    parts = [f"topic {topic!r}" if topic else f"port {port}" if port else "",
+             f"node {node!r}" if node else "", f"modality {modality!r}" if modality else ""]
+    origin = ", ".join(p for p in parts if p) or "an unknown origin"
+    where = topic or port or f"{node}/{modality}"
+    counters.rejections.warn(where, exc.reason, "skipped a message from %s: %s: %s; "
+                             "counted in stats()[%r]", origin, exc.reason, exc,
+                             "oversized" if exc.reason == "oversized" else "malformed")

@@ -26,7 +26,7 @@ from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError, WireFormatError
 from edgefuse.sensors.accounting import (  # noqa: F401 - re-exported for the sources
     BAD_BINARY, BAD_CRC, BAD_CSV, BAD_DTYPE, BAD_FIELDS, BAD_FRAME, BAD_HEADER, BAD_JSON,
-    BAD_TOPIC, TRUNCATED, UNKNOWN_MODALITY, WRONG_CHANNELS, Counters, RejectedPayload,
+    BAD_RATE, BAD_TIME, BAD_TOPIC, TRUNCATED, UNKNOWN_MODALITY, WRONG_CHANNELS, Counters, RejectedPayload,
     count_rejection, unknown_modality,
 )
 
@@ -91,7 +91,8 @@ class ChunkValidator:
         try:
             chunk = wire.decode_payload(payload, node, modality, max_payload)
         except WireFormatError as exc:
-            raise RejectedPayload(classify_wire_error(payload), str(exc)) from exc
+            # The decoder names rate/time refusals itself; else judge by the payload.
+            raise RejectedPayload(exc.reason or classify_wire_error(payload), str(exc)) from exc
         except (ValueError, OverflowError, RecursionError) as exc:
             # json.loads: > 4300-digit ints (ValueError), deep nesting (RecursionError);
             # numpy: ints beyond float range (OverflowError). Still just a bad message.
@@ -132,6 +133,19 @@ class Source(ABC):
     @abstractmethod
     def connected(self) -> bool:
         """True while the transport is up (broker session, open serial port)."""
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Wait until the transport is up (MQTT: subscribed; serial: port open)."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        while not self.connected:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+        return True
+
+    #: Why the last connection attempt failed (short, human); None while connected
+    #: or before the first attempt. The daemon names it when a source stays down.
+    last_error: str | None = None
 
     @property
     def alive(self) -> bool:

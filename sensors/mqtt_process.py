@@ -6,7 +6,8 @@ pipe, parses the frames that have arrived and decodes the payloads with the
 same ChunkValidator as the in-process source, in the caller's thread. Apart
 from the transport it behaves like ``MqttSource``: the same counters (the
 child's and this side's are added up, and survive a restart of the child),
-``connected``, ``wait_subscribed()``. One difference: this side decodes
+``connected``, ``wait_subscribed()``, ``last_error`` (the child's, carried in
+its status lines). One difference: this side decodes
 only while its queue (``queue_max`` chunks) has room, and leaves the rest in
 the pipe, so a consumer that falls behind pushes back to the child, which
 holds up to ``receiver_queue_bytes`` and only then drops the oldest frames
@@ -34,7 +35,7 @@ from dataclasses import asdict, replace
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError
 from edgefuse.runtime.mqtt_client import load_secrets
-from edgefuse.sensors.base import RejectedPayload
+from edgefuse.sensors.base import RejectedPayload, count_rejection
 from edgefuse.sensors.mqtt_receiver import FRAME, MESSAGE
 from edgefuse.sensors.mqtt_source import MqttSourceBase, MqttSourceSettings
 
@@ -45,6 +46,7 @@ RESTART_MAX_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
 PIPE_BYTES = 1 << 20   # asked of the kernel for the pipe; 64 KiB when refused
 READ_BYTES = 1 << 20
+EXITED = "the MQTT receiver process exited"
 
 
 class MqttProcessSource(MqttSourceBase):
@@ -64,6 +66,7 @@ class MqttProcessSource(MqttSourceBase):
         self._child_status: dict = {}     # the running child's last status line
         self._exited: dict = {}           # counters of children that exited, summed
         self._connected = False
+        self._last_error: str | None = None
         self._restart_at: float | None = None
         self._restart_delay = RESTART_MIN_S
         self._client_id = self.settings.mqtt.resolved_client_id("source")
@@ -73,11 +76,12 @@ class MqttProcessSource(MqttSourceBase):
         with self._lock:
             if self._opened and (self._proc is not None or self._restart_at is not None):
                 return
-            load_secrets(self.settings.mqtt)  # a missing secret fails here, not in the child
+            # A missing or malformed secret fails here (ConfigError), not in the child.
+            load_secrets(self.settings.mqtt)
             self._opened = True
             self._spawn()
-        log.info("MQTT source (receiver process) connecting to %s:%d, topic filter %r",
-                 self.settings.mqtt.host, self.settings.mqtt.port, self.topics.filter)
+        log.info("MQTT source (receiver process) connecting to %s:%d, topic filters %s",
+                 self.settings.mqtt.host, self.settings.mqtt.port, self.filters)
 
     def close(self) -> None:
         with self._lock:
@@ -102,6 +106,11 @@ class MqttProcessSource(MqttSourceBase):
     def connected(self) -> bool:
         self._pump(0.0)
         return self._connected
+
+    @property
+    def last_error(self) -> str | None:
+        self._pump(0.0)
+        return self._last_error
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """True once the broker acknowledged the current session's subscription."""
@@ -143,6 +152,7 @@ class MqttProcessSource(MqttSourceBase):
         mqtt = replace(self.settings.mqtt, client_id=self._client_id)  # stable across restarts
         settings = {"mqtt": asdict(mqtt), "topic_pattern": self.settings.topic_pattern,
                     "qos": self.settings.qos, "max_payload_bytes": self.settings.max_payload_bytes,
+                    "filters": self.filters, "session_expiry_s": self.settings.session_expiry,
                     "allowed_modalities": None if self.validator.allowed is None
                     else sorted(self.validator.allowed),
                     "queue_bytes": self.settings.receiver_queue_bytes,
@@ -199,6 +209,11 @@ class MqttProcessSource(MqttSourceBase):
         self._subscribed.clear()
         if closing:
             return
+        before = self._last_error or ""   # the cause before the first exit, kept once
+        if before.startswith(EXITED):
+            before = before.partition("; before that: ")[2]
+        self._last_error = f"{EXITED} (status {code}); restarting it" + (
+            f"; before that: {before}" if before else "")
         self._restart_at = time.monotonic() + self._restart_delay
         log.error("the MQTT receiver process exited (status %s); restarting it in %.1f s",
                   code, self._restart_delay)
@@ -293,7 +308,8 @@ class MqttProcessSource(MqttSourceBase):
             chunk = self.validator.decode(payload, node, modality,
                                           self.settings.max_payload_bytes)
         except RejectedPayload as exc:
-            self._reject(exc)
+            count_rejection(self._counters, exc, topic=self._topic(node, modality), node=node,
+                            modality=modality)
             return
         except Exception:  # noqa: BLE001 - one bad message must not stop the stream
             self._counters.malformed("internal_error")
@@ -303,9 +319,14 @@ class MqttProcessSource(MqttSourceBase):
         self._counters.add("decoded")
         self._offer(chunk, received_ns)
 
+    def _topic(self, node: str, modality: str) -> str | None:
+        """The topic the frame came from, where the pattern determines it."""
+        return None if "+" in self.topics.pattern.split("/") else self.topics.topic(node, modality)
+
     def _on_status(self, status: dict) -> None:
         self._child_status = status
         self._connected = bool(status.get("connected"))
+        self._last_error = status.get("last_error")
         if status.get("subscribed"):
             self._subscribed.set()
             self._restart_delay = RESTART_MIN_S

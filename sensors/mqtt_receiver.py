@@ -24,7 +24,8 @@ Protocol, no pickle:
   and modality (UTF-8), then the payload as received.
 - child -> parent, the status pipe (file descriptor ``status_fd`` of the
   settings): JSON lines ``{"counters": {...}, "malformed": {...},
-  "connected": bool, "subscribed": bool}``, on every connection change and at
+  "connected": bool, "subscribed": bool, "last_error": str | null}`` (why the
+  last connection attempt failed), on every connection change and at
   most every STATUS_PERIOD_S while counters move; the last line wins. Status
   has its own pipe so that it is never stuck behind data the parent is not
   ready to take.
@@ -63,6 +64,7 @@ MESSAGE = 1
 STATUS_PERIOD_S = 0.1
 ALIVE_CHECK_S = 1.0
 MAX_SETTINGS_BYTES = 1 << 16
+MAX_ERROR_CHARS = 1000
 COUNTERS = mqtt_subscriber.COUNTERS + ("dropped_queue_full",)
 
 
@@ -76,7 +78,8 @@ class Receiver:
             TopicPattern(settings["topic_pattern"]), qos=int(settings["qos"]),
             max_payload=int(settings["max_payload_bytes"]),
             allowed=settings.get("allowed_modalities"), counters=self.counters,
-            deliver=self._enqueue, on_state=self._on_state)
+            deliver=self._enqueue, on_state=self._on_state, filters=settings.get("filters"),
+            session_expiry_s=int(settings.get("session_expiry_s", 0)))
         self._out_fd = out_fd
         self._status_fd = status_fd
         self._frames: deque[bytes] = deque()
@@ -156,7 +159,9 @@ class Receiver:
             snap.pop("malformed_total")
             status = {"counters": snap, "malformed": malformed,
                       "connected": self.subscriber.connected,
-                      "subscribed": self.subscriber.subscribed}
+                      "subscribed": self.subscriber.subscribed,
+                      # bounded: a status line must fit in PIPE_BUF to be written whole
+                      "last_error": (self.subscriber.last_error or "")[:MAX_ERROR_CHARS] or None}
             if status != last or final:
                 line = json.dumps(status).encode() + b"\n"
                 if final:

@@ -2,22 +2,34 @@
 
 The topic says who and what: the pattern ``edgefuse/{node}/{modality}``
 (configurable; ``{node}`` and ``{modality}`` are whole topic levels, ``+``
-matches any level) is subscribed as ``edgefuse/+/+``. The payload is a
+matches any level) is subscribed once per modality the source is given
+(``allowed_modalities``, else the model's channel table): ``edgefuse/+/acoustic``
+and so on, never ``edgefuse/+/+``, which would deliver the daemon's own
+decisions (``edgefuse/{node}/decisions``) back to it. A sender publishing a
+modality outside that set is therefore not seen at all. The payload is a
 runtime.wire chunk, binary when it starts with the magic ``EFCK``, JSON
 otherwise.
+
+``persistent_session = true`` (with ``qos = 1`` and a fixed ``[mqtt]
+client_id``) asks the broker to keep the subscription and to queue the QoS 1
+chunks that arrive while the daemon is disconnected or restarting, for
+``session_expiry_s``; the nodes must publish with QoS 1 too (the broker
+delivers min(publish QoS, subscription QoS)) and the broker bounds the queue
+(Mosquitto: ``max_queued_messages``, 1000 per client by default).
 
 Two receivers behind one interface (``receiver`` setting, ``make_mqtt_source``):
 ``"process"`` (default, sensors.mqtt_process) runs paho in a child process;
 ``"thread"`` (``MqttSource`` here) runs it in this process. Both use the
 same ``Subscriber`` for the paho side: topic, reserved modality
-(``decisions``, our own output: counted in ``ignored``), size before any
-parsing, allowed modality; then the same ChunkValidator decodes and checks
+(``decisions``: counted in ``ignored``, reachable only by a catch-all
+subscription), size before any parsing, allowed modality; then the same ChunkValidator decodes and checks
 the channel count, and the chunk goes to a bounded queue.
 """
 from __future__ import annotations
 
 import logging
 import threading
+from abc import abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -48,6 +60,9 @@ class MqttSourceSettings:
     # behind (the pipe holds up to as much again, at most 1 MiB); beyond that the
     # oldest frames are dropped and counted. 8 MiB is about a second of 300 nodes.
     receiver_queue_bytes: int = 8 << 20
+    # Broker-held session (see the module docstring): needs qos = 1 and [mqtt] client_id.
+    persistent_session: bool = False
+    session_expiry_s: int = 300   # MQTT 5: how long the broker keeps it after we leave
 
     def __post_init__(self) -> None:
         if self.receiver not in RECEIVERS:
@@ -62,10 +77,29 @@ class MqttSourceSettings:
             raise ConfigError("max_payload_bytes must be 64 B..64 MiB, found "
                               f"{self.max_payload_bytes!r}")
         TopicPattern(self.topic_pattern)  # validate early
+        if not 1 <= self.session_expiry_s <= mqtt_client.MAX_SESSION_EXPIRY_S:
+            raise ConfigError(f"session_expiry_s must be 1..{mqtt_client.MAX_SESSION_EXPIRY_S}, "
+                              f"found {self.session_expiry_s!r}")
+        if self.persistent_session and not self.mqtt.client_id:
+            raise ConfigError(
+                "persistent_session = true needs a fixed [mqtt] client_id: the broker keeps "
+                "the session (subscription and queued chunks) under the client id, and the "
+                "default id holds the process id, which changes at every start; set "
+                "client_id = \"<unique name of this gateway>\"")
+        if self.persistent_session and self.qos != 1:
+            raise ConfigError(
+                "persistent_session = true needs qos = 1: a broker queues only QoS 1 and 2 "
+                f"messages for a disconnected client; found qos = {self.qos!r}")
+
+    @property
+    def session_expiry(self) -> int:
+        """Seconds the broker keeps our session; 0 for a clean one."""
+        return self.session_expiry_s if self.persistent_session else 0
 
 
 class MqttSourceBase(Source):
-    """What both receivers share: settings, topic pattern, validator, subscribed flag."""
+    """What both receivers share: settings, topic pattern, subscription filters,
+    validator, subscribed flag."""
 
     COUNTERS = Source.COUNTERS + ("subscribed", "connect_failures")
 
@@ -79,7 +113,30 @@ class MqttSourceBase(Source):
         self.validator = ChunkValidator(
             self.settings.allowed_modalities if allowed_modalities is None else allowed_modalities,
             self.settings.channels if channels is None else channels)
+        modalities = self.validator.allowed
+        if modalities is None and self.validator.channels:
+            modalities = frozenset(self.validator.channels)
+        self.filters = self.topics.filters(modalities)
         self._subscribed = threading.Event()
+
+    @property
+    @abstractmethod
+    def last_error(self) -> str | None:
+        """Why the broker connection is not up (a sentence naming the cause: unknown
+        CA, hostname mismatch, connection refused, ...), None while connected."""
+
+    @abstractmethod
+    def wait_subscribed(self, timeout_s: float) -> bool:
+        """True once the broker acknowledged the current session's subscription."""
+
+    def wait_connected(self, timeout_s: float) -> bool:
+        """Connected means subscribed for this source: chunks can arrive."""
+        return self.wait_subscribed(timeout_s)
+
+    def stats(self) -> dict:
+        snap = super().stats()
+        snap["last_error"] = self.last_error
+        return snap
 
 
 class MqttSource(MqttSourceBase):
@@ -90,6 +147,7 @@ class MqttSource(MqttSourceBase):
                  channels: Mapping[str, int] | None = None):
         super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels)
         self._subscriber: Subscriber | None = None
+        self._last_error: str | None = None   # of a closed subscriber
 
     @property
     def connected(self) -> bool:
@@ -99,18 +157,27 @@ class MqttSource(MqttSourceBase):
     def alive(self) -> bool:
         return self._subscriber is None or self._subscriber.alive
 
+    @property
+    def last_error(self) -> str | None:
+        return self._last_error if self._subscriber is None else self._subscriber.last_error
+
     def open(self) -> None:
         if self._subscriber is not None:
             return
         s = self.settings
-        self._subscriber = Subscriber(
+        subscriber = Subscriber(
             s.mqtt, self.topics, qos=s.qos, max_payload=s.max_payload_bytes,
             allowed=self.validator.allowed, counters=self._counters, deliver=self._deliver,
-            on_state=self._on_state)
+            on_state=self._on_state, filters=self.filters, session_expiry_s=s.session_expiry)
+        self._subscriber = subscriber  # before start(): its callbacks look it up
+        try:
+            subscriber.start()  # a bad CA/key file raises ConfigError here, before any thread
+        except BaseException:
+            self._subscriber = None
+            raise
         self._opened = True
-        self._subscriber.start()
-        log.info("MQTT source connecting to %s:%d, topic filter %r", s.mqtt.host, s.mqtt.port,
-                 self.topics.filter)
+        log.info("MQTT source connecting to %s:%d, topic filters %s", s.mqtt.host, s.mqtt.port,
+                 self.filters)
 
     def wait_subscribed(self, timeout_s: float) -> bool:
         """True once the broker acknowledged the current session's subscription."""
@@ -120,6 +187,7 @@ class MqttSource(MqttSourceBase):
         subscriber, self._subscriber = self._subscriber, None
         if subscriber is not None:
             subscriber.stop()
+            self._last_error = subscriber.last_error
         self._subscribed.clear()
 
     # --- from the subscriber (paho's network thread) ------------------------

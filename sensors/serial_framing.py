@@ -1,8 +1,12 @@
 """Pure parsers of the three serial protocols: ``feed(bytes) -> list[Chunk]``.
 
 No port, no thread, no clock: bytes in, chunks out, everything else counted
-in ``errors`` (reason -> count, reasons from edgefuse.sensors.base) and
-``skipped_bytes``. They never raise on bad input; every buffer is bounded.
+in ``errors`` (reason -> count, reasons from edgefuse.sensors.base and below)
+and ``skipped_bytes``. They never raise on bad input; every buffer is bounded.
+``take_news()`` hands the caller the errors since its last call, each reason
+with a line saying what was expected and found, so the caller (the serial
+source) can warn about them with the port named. Time enters only as an
+argument: ``poll(now)`` drops a binary frame that started but stalled.
 
 (a) JSON lines: one object per line, ``{"node": .., "modality": .., <the JSON
     chunk fields of runtime.wire>}``, UTF-8, ``\\n`` (or ``\\r\\n``) ended.
@@ -22,9 +26,12 @@ in ``errors`` (reason -> count, reasons from edgefuse.sensors.base) and
     14+body_len  4     body_crc: zlib.crc32 of bytes 14 .. 14+body_len-1
 
     The header CRC rejects a false sync after 14 bytes, so garbage never makes
-    the reader wait for a bogus length. On any bad frame the reader skips ONE
-    byte past the sync and scans for the next sync, so a good frame right
-    after a corrupt one is still found.
+    the reader wait for a bogus length. A valid header announcing a frame
+    longer than ``max_frame_bytes`` is refused at once (``oversized``), never
+    awaited. On any bad frame the reader skips ONE byte past the sync and
+    scans for the next sync, so a good frame right after a corrupt one is
+    still found. A frame that started but does not complete in time (see
+    ``BinaryFrameParser.poll``) is dropped the same way (``frame_timeout``).
 """
 from __future__ import annotations
 
@@ -48,7 +55,18 @@ FRAME_HEAD_SIZE = FRAME_HEAD.size       # 14
 CRC = struct.Struct("<I")
 MAX_NAME = 64
 DEFAULT_MAX_LINE = 256 * 1024
-DEFAULT_MAX_FRAME = wire.DEFAULT_MAX_PAYLOAD + 2 * MAX_NAME + FRAME_HEAD_SIZE + CRC.size
+# Whole frame, header and CRCs included. 64 KiB holds 1.6 s of 9.9 kHz float32
+# audio (3.3 s as int16); the chunks sent in practice are 0.5-1 s (~20 KB). A
+# bound far below wire's 1 MiB keeps one lying header from holding the line
+# while its body is awaited (115200 baud moves ~11 KB/s).
+DEFAULT_MAX_FRAME = 64 * 1024
+MAX_FRAME_LIMIT = 16 * 1024 * 1024    # the largest max_frame_bytes / max_line_bytes allowed
+MIN_BUFFER = 64                       # the smallest max_frame_bytes / max_line_bytes allowed
+BITS_PER_BYTE = 10                    # UART 8N1: start + 8 data + stop bits
+
+# Reasons counted here besides those of edgefuse.sensors.base.
+OVERSIZED = "oversized"                # a line/frame longer than the configured bound
+FRAME_TIMEOUT = "frame_timeout"        # a frame started but did not complete in time
 
 
 def encode_frame(node: str, modality: str, payload: bytes) -> bytes:
@@ -87,17 +105,36 @@ class _Parser:
     """Counting and bounded line splitting shared by the parsers."""
 
     def __init__(self, max_bytes: int, validator: ChunkValidator | None):
-        if max_bytes < 64:
-            raise ValueError(f"max line/frame length must be >= 64 bytes, found {max_bytes!r}")
+        if max_bytes < MIN_BUFFER:
+            raise ValueError(f"max line/frame length must be >= {MIN_BUFFER} bytes, "
+                             f"found {max_bytes!r}")
         self.max_bytes = max_bytes
         self.validator = validator or ChunkValidator()
         self.errors: dict[str, int] = {}
         self.skipped_bytes = 0
         self._buf = bytearray()
         self._discarding = False  # inside an over-long line: drop up to the next newline
+        # reason -> [count, detail of the latest one] since take_news(); bounded by the
+        # fixed set of reasons, so a caller that never asks costs nothing
+        self._news: dict[str, list] = {}
 
-    def _error(self, reason: str) -> None:
+    def _error(self, reason: str, detail: str) -> None:
         self.errors[reason] = self.errors.get(reason, 0) + 1
+        entry = self._news.get(reason)
+        if entry is None:
+            self._news[reason] = [1, detail]
+        else:
+            entry[0] += 1
+            entry[1] = detail
+
+    def take_news(self) -> dict[str, tuple[int, str]]:
+        """Errors since the last call: reason -> (count, what the latest one was)."""
+        news, self._news = self._news, {}
+        return {reason: (n, detail) for reason, (n, detail) in news.items()}
+
+    def poll(self, now: float) -> list[Chunk]:
+        """Time-driven work (``now``: time.monotonic()); the line protocols have none."""
+        return []
 
     def _lines(self, data: bytes) -> list[bytes]:
         self._buf += data
@@ -114,14 +151,16 @@ class _Parser:
                 self.skipped_bytes += len(line) + 1
                 continue
             if len(line) > self.max_bytes:
-                self._error("oversized")
+                self._error(OVERSIZED, f"a line of {len(line)} bytes, longer than "
+                            f"max_line_bytes {self.max_bytes}; send shorter lines or raise it")
                 self.skipped_bytes += len(line) + 1
                 continue
             lines.append(line.rstrip(b"\r"))
         del self._buf[:start]
         if len(self._buf) > self.max_bytes:  # bound the buffer: the line is too long already
             if not self._discarding:
-                self._error("oversized")
+                self._error(OVERSIZED, f"a line longer than max_line_bytes {self.max_bytes} "
+                            "(no newline yet); send shorter lines or raise it")
             self._discarding = True
             self.skipped_bytes += len(self._buf)
             self._buf.clear()
@@ -130,7 +169,8 @@ class _Parser:
     def reset(self) -> list[Chunk]:
         """Forget a partial line/frame (port reopened); returns chunks still pending."""
         if self._buf and not self._discarding:
-            self._error(TRUNCATED)
+            self._error(TRUNCATED, f"a partial line of {len(self._buf)} bytes when the port "
+                        "closed")
         self.skipped_bytes += len(self._buf)
         self._buf.clear()
         self._discarding = False
@@ -149,8 +189,9 @@ class JsonLineParser(_Parser):
                 continue
             try:
                 obj = json.loads(line)
-            except (ValueError, RecursionError):  # bad JSON, bad UTF-8, huge ints, deep nesting
-                self._error(BAD_JSON)
+            except (ValueError, RecursionError) as exc:  # bad JSON/UTF-8, huge ints, deep nesting
+                self._error(BAD_JSON, f"a line that is not JSON ({type(exc).__name__}: "
+                            f"{str(exc)[:120]}), starting {line[:40]!r}")
                 continue
             try:
                 node, modality = obj["node"], obj["modality"]
@@ -159,9 +200,11 @@ class JsonLineParser(_Parser):
                 self.validator.check_modality(modality)
                 out.append(self.validator.check_chunk(wire.chunk_from_json_obj(obj, node, modality)))
             except RejectedPayload as exc:
-                self._error(exc.reason)
-            except (WireFormatError, KeyError, TypeError, ValueError, OverflowError):
-                self._error(BAD_FIELDS)
+                self._error(exc.reason, str(exc))
+            except (WireFormatError, KeyError, TypeError, ValueError, OverflowError) as exc:
+                self._error(BAD_FIELDS, "a JSON line without a valid chunk "
+                            f"({type(exc).__name__}: {str(exc)[:160]}); expected 'node', "
+                            "'modality' and the chunk fields of runtime.wire")
         return out
 
 
@@ -216,9 +259,9 @@ class CsvLineParser(_Parser):
                           np.asarray(rows, dtype=np.float32), seq)
             return [self.validator.check_chunk(chunk)]
         except RejectedPayload as exc:
-            self._error(exc.reason)
-        except InputError:
-            self._error(BAD_CSV)
+            self._error(exc.reason, str(exc))
+        except InputError as exc:
+            self._error(BAD_CSV, f"samples that make no chunk: {str(exc)[:160]}")
         return []
 
     def _sample(self, line: bytes) -> tuple[str, int, list[float]] | None:
@@ -241,13 +284,14 @@ class CsvLineParser(_Parser):
                 continue
             sample = self._sample(line)
             if sample is None:
-                self._error(BAD_CSV)
+                self._error(BAD_CSV, f"expected 'modality,t_ns,v1,...' (at most "
+                            f"{wire.MAX_CHANNELS} values), found {line[:60]!r}")
                 continue
             modality, t_ns, values = sample
             try:
                 self.validator.check_modality(modality)
             except RejectedPayload as exc:
-                self._error(exc.reason)
+                self._error(exc.reason, str(exc))
                 continue
             if self._rows:
                 last = self._times[-1]
@@ -274,22 +318,75 @@ class CsvLineParser(_Parser):
 
 
 class BinaryFrameParser(_Parser):
-    """Frames of the layout in the module docstring; resyncs on the sync bytes."""
+    """Frames of the layout in the module docstring; resyncs on the sync bytes.
+
+    max_frame_bytes bounds a whole frame (header and CRCs included) and so the
+    buffer. frame_timeout_s: a frame that started (sync seen) is dropped when
+    it has not completed within frame_timeout_s plus its own transfer time
+    (its length times byte_time_s, i.e. 10 bits / baud), so a large frame on a
+    slow line is not cut while a stalled one does not glue itself to the frames
+    that follow. None: never time out (``poll`` does nothing).
+    """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME,
-                 validator: ChunkValidator | None = None):
+                 validator: ChunkValidator | None = None, *,
+                 frame_timeout_s: float | None = None, byte_time_s: float = 0.0):
         super().__init__(max_frame_bytes, validator)
+        if frame_timeout_s is not None and not frame_timeout_s > 0:
+            raise ValueError(f"frame_timeout_s must be > 0 or None, found {frame_timeout_s!r}")
+        if not byte_time_s >= 0:
+            raise ValueError(f"byte_time_s must be >= 0, found {byte_time_s!r}")
+        self.frame_timeout_s = frame_timeout_s
+        self.byte_time_s = byte_time_s
+        self._since: float | None = None  # when poll() first saw the frame now at the front
 
     def reset(self) -> list[Chunk]:
         if self._buf.startswith(SYNC):
-            self._error(TRUNCATED)
-        self.skipped_bytes += len(self._buf)
-        self._buf.clear()
+            self._error(TRUNCATED, f"a partial frame ({len(self._buf)} bytes) when the port "
+                        "closed")
+        self._skip(len(self._buf))
         return []
 
     def _skip(self, n: int) -> None:
         self.skipped_bytes += n
+        self._consume(n)
+
+    def _consume(self, n: int) -> None:
         del self._buf[:n]
+        self._since = None  # whatever is at the front now is another frame
+
+    def _pending_length(self) -> int:
+        """Length of the frame at the front (a started one: the buffer begins with SYNC)."""
+        if len(self._buf) < FRAME_HEAD_SIZE:
+            return FRAME_HEAD_SIZE
+        # the header was checked by feed() already: only a valid one waits here
+        return FRAME_HEAD_SIZE + FRAME_HEAD.unpack_from(self._buf)[1] + CRC.size
+
+    def poll(self, now: float) -> list[Chunk]:
+        """Drop the frame at the front if it stalled; call after every read, data or not.
+
+        ``now`` is time.monotonic(). A frame is timed from the first poll that
+        sees it at the front of the buffer. The dropped frame is counted
+        (``frame_timeout``) and scanning resumes one byte past its sync, so a
+        frame that hid inside its bytes is still found; returns such frames.
+        """
+        out: list[Chunk] = []
+        # a buffer starting with SYNC after feed() is exactly a frame awaiting bytes;
+        # each pass drops at least one byte, so the loop is bounded by the buffer
+        while self.frame_timeout_s is not None and self._buf.startswith(SYNC):
+            if self._since is None:
+                self._since = now
+                break
+            length = self._pending_length()
+            allowed = self.frame_timeout_s + length * self.byte_time_s
+            if now - self._since <= allowed:
+                break
+            self._error(FRAME_TIMEOUT, f"a frame of {length} bytes started but only "
+                        f"{len(self._buf)} arrived within {allowed:.2f} s; the sender "
+                        "stalled or bytes were lost on the line")
+            self._skip(1)
+            out += self.feed(b"")
+        return out
 
     def feed(self, data: bytes) -> list[Chunk]:
         self._buf += data
@@ -308,21 +405,32 @@ class BinaryFrameParser(_Parser):
                 return out
             _, body_len, n, m, head_crc = FRAME_HEAD.unpack_from(self._buf)
             if (head_crc != zlib.crc32(self._buf[4:10]) or not 1 <= n <= MAX_NAME
-                    or not 1 <= m <= MAX_NAME or body_len <= n + m
-                    or FRAME_HEAD_SIZE + body_len + CRC.size > self.max_bytes):
-                self._error(BAD_FRAME)
+                    or not 1 <= m <= MAX_NAME or body_len <= n + m):
+                self._error(BAD_FRAME, f"a frame header with body_len {body_len}, node_len "
+                            f"{n}, modality_len {m}, header CRC {head_crc:#010x}; expected "
+                            f"CRC {zlib.crc32(self._buf[4:10]):#010x}, names of 1..{MAX_NAME} "
+                            "bytes and a payload (garbage or a damaged header)")
                 self._skip(1)
                 continue
             total = FRAME_HEAD_SIZE + body_len + CRC.size
+            if total > self.max_bytes:
+                # refused at the header: waiting for the body would hold the line
+                self._error(OVERSIZED, f"a frame header announcing {total} bytes, more than "
+                            f"max_frame_bytes {self.max_bytes}; send smaller chunks or raise "
+                            "max_frame_bytes")
+                self._skip(1)
+                continue
             if len(self._buf) < total:
                 return out
             body = bytes(self._buf[FRAME_HEAD_SIZE:FRAME_HEAD_SIZE + body_len])
             (body_crc,) = CRC.unpack_from(self._buf, FRAME_HEAD_SIZE + body_len)
             if body_crc != zlib.crc32(body):
-                self._error(BAD_CRC)
+                self._error(BAD_CRC, f"a frame of {total} bytes with body CRC {body_crc:#010x}, "
+                            f"expected {zlib.crc32(body):#010x}; bytes were corrupted or lost "
+                            "on the line (check baud rate and cabling)")
                 self._skip(1)  # the length may lie too: rescan from the next byte
                 continue
-            del self._buf[:total]
+            self._consume(total)
             chunk = self._decode(body, n, m)
             if chunk is not None:
                 out.append(chunk)
@@ -331,13 +439,13 @@ class BinaryFrameParser(_Parser):
         try:
             node, modality = body[:n].decode(), body[n:n + m].decode()
         except UnicodeDecodeError:
-            self._error(BAD_FRAME)
+            self._error(BAD_FRAME, f"a frame whose node/modality are not UTF-8: {body[:n + m]!r}")
             return None
         try:
             # the frame bound is the payload bound: the frame was already accepted by length
             return self.validator.decode(body[n + m:], node, modality, self.max_bytes)
         except RejectedPayload as exc:
-            self._error(exc.reason)
+            self._error(exc.reason, str(exc))
             return None
 
 
@@ -348,5 +456,6 @@ def make_parser(protocol: str, **kwargs) -> JsonLineParser | CsvLineParser | Bin
     return parsers[protocol](**kwargs)
 
 
-__all__ = ["SYNC", "BinaryFrameParser", "CsvLineParser", "JsonLineParser", "encode_chunk_frame",
-           "encode_csv_lines", "encode_frame", "encode_json_line", "make_parser"]
+__all__ = ["FRAME_TIMEOUT", "OVERSIZED", "SYNC", "BinaryFrameParser", "CsvLineParser",
+           "JsonLineParser", "encode_chunk_frame", "encode_csv_lines", "encode_frame",
+           "encode_json_line", "make_parser"]

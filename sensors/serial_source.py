@@ -8,6 +8,17 @@ socat gone) the thread closes the port, counts a disconnect, drops the
 partial frame (counted ``truncated``) and retries opening with a capped
 exponential backoff until close(). Bad data never stops the thread.
 
+Every refused line or frame is counted by reason in stats()["malformed"]
+(``oversized`` on its own, as for MQTT) and warned about with the port and
+the reason named, rate-limited per (port, reason): the first at once, then
+at most one line a minute saying how many occurred since. A binary frame
+whose header announces more than ``max_frame_bytes`` is refused at the
+header; one that started but stalls is dropped after ``frame_timeout_s``
+plus its transfer time at ``baud`` (``frame_timeout``).
+
+``device`` is a path or a pyserial URL (``loop://``, ``socket://host:port``,
+``rfc2217://...``): ports are opened with ``serial.serial_for_url``.
+
 Prefer stable device paths (/dev/serial/by-id/usb-...): /dev/ttyUSB0 may
 name a different adapter after a replug.
 """
@@ -22,6 +33,7 @@ from dataclasses import dataclass
 import serial
 
 from edgefuse.runtime.errors import ConfigError
+from edgefuse.runtime.ratelimit import WarnLimiter
 from edgefuse.sensors import serial_framing
 from edgefuse.sensors.base import DEFAULT_QUEUE_MAX, ChunkValidator, Source
 
@@ -44,7 +56,8 @@ class SerialSettings:
     csv_rate_hz: Mapping[str, float] | None = None
     idle_flush_s: float = 0.25          # csv: emit held-back samples after this much silence
     max_line_bytes: int = serial_framing.DEFAULT_MAX_LINE
-    max_frame_bytes: int = serial_framing.DEFAULT_MAX_FRAME
+    max_frame_bytes: int = serial_framing.DEFAULT_MAX_FRAME  # whole binary frame, 64 KiB
+    frame_timeout_s: float = 1.0        # binary: a started frame must complete in this + transfer
     reopen_min_s: float = 0.2
     reopen_max_s: float = 5.0
     allowed_modalities: tuple[str, ...] | None = None
@@ -60,6 +73,14 @@ class SerialSettings:
             raise ConfigError(f"serial baud must be 50..16000000, found {self.baud!r}")
         if not 0.01 <= self.read_timeout_s <= 5:
             raise ConfigError(f"read_timeout_s must be 0.01..5 s, found {self.read_timeout_s!r}")
+        lo, hi = serial_framing.MIN_BUFFER, serial_framing.MAX_FRAME_LIMIT
+        for key in ("max_line_bytes", "max_frame_bytes"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"{key} must be an integer {lo}..{hi} (bytes), found {value!r}")
+        if not 0.05 <= self.frame_timeout_s <= 600:
+            raise ConfigError(f"frame_timeout_s must be 0.05..600 s, found "
+                              f"{self.frame_timeout_s!r}")
         if not 0 < self.reopen_min_s <= self.reopen_max_s <= 600:
             raise ConfigError("reopen delays must satisfy 0 < reopen_min_s <= reopen_max_s <= "
                               f"600, found {self.reopen_min_s!r}, {self.reopen_max_s!r}")
@@ -73,9 +94,12 @@ class SerialSource(Source):
 
     def __init__(self, settings: SerialSettings, *,
                  allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None):
+                 channels: Mapping[str, int] | None = None,
+                 warn_limiter: WarnLimiter | None = None):
+        """warn_limiter: rate-limits this source's warnings (tests inject a clock)."""
         self.settings = settings
         super().__init__(settings.queue_max)
+        self._warner = warn_limiter or WarnLimiter(log)
         validator = ChunkValidator(
             allowed_modalities if allowed_modalities is not None else settings.allowed_modalities,
             channels if channels is not None else settings.channels)
@@ -88,7 +112,9 @@ class SerialSource(Source):
                 rate_hz=s.csv_rate_hz, max_line_bytes=min(s.max_line_bytes, 64 * 1024),
                 validator=validator)
         else:
-            self.parser = serial_framing.BinaryFrameParser(s.max_frame_bytes, validator)
+            self.parser = serial_framing.BinaryFrameParser(
+                s.max_frame_bytes, validator, frame_timeout_s=s.frame_timeout_s,
+                byte_time_s=serial_framing.BITS_PER_BYTE / s.baud)
         self._parser_lock = threading.Lock()  # stats() reads parser counters from other threads
         self._stop = threading.Event()
         self._port_open = threading.Event()
@@ -125,14 +151,20 @@ class SerialSource(Source):
                             self.settings.device, timeout_s)
 
     def stats(self) -> dict:
+        """Flat counters (numbers), plus ``malformed``: reason -> count.
+
+        Serial adds ``bytes``, ``skipped_bytes``, ``open_failures`` and, for CSV,
+        ``csv_flushes_<why>`` (why chunks were cut: size, modality, gap, ...).
+        """
         snap = super().stats()
         with self._parser_lock:
             for reason, n in self.parser.errors.items():
                 snap["malformed"][reason] = snap["malformed"].get(reason, 0) + n
             snap["skipped_bytes"] = self.parser.skipped_bytes
             if isinstance(self.parser, serial_framing.CsvLineParser):
-                snap["csv_flushes"] = dict(self.parser.flushes)
-        snap["oversized"] += snap["malformed"].pop("oversized", 0)
+                for why, n in self.parser.flushes.items():
+                    snap[f"csv_flushes_{why}"] = n
+        snap["oversized"] += snap["malformed"].pop(serial_framing.OVERSIZED, 0)
         snap["malformed_total"] = sum(snap["malformed"].values())
         # a serial "message" is a line or frame: the good ones plus the refused ones
         snap["received"] = snap["decoded"] + snap["malformed_total"] + snap["oversized"]
@@ -153,7 +185,10 @@ class SerialSource(Source):
             try:
                 data = port.read(min(max(port.in_waiting, 1), READ_MAX))
             except (serial.SerialException, OSError) as exc:
-                log.warning("serial device %s failed (%s); reopening", self.settings.device, exc)
+                self.last_error = f"{self.settings.device} failed: {exc}"
+                self._warner.warn((self.settings.device, "disconnect"),
+                                  "serial device %s failed (%s); reopening", self.settings.device,
+                                  exc)
                 self._counters.add("disconnects")
                 self._port_open.clear()
                 self._close_port(port)
@@ -169,11 +204,17 @@ class SerialSource(Source):
     def _try_open(self) -> serial.Serial | None:
         s = self.settings
         try:
-            port = serial.Serial(s.device, s.baud, timeout=s.read_timeout_s, exclusive=s.exclusive)
+            # serial_for_url: a plain path opens serial.Serial; loop:// etc. work too
+            port = serial.serial_for_url(s.device, s.baud, timeout=s.read_timeout_s,
+                                         exclusive=s.exclusive)
         except (serial.SerialException, OSError, ValueError) as exc:
-            if self._counters.add("open_failures") == 0:
-                log.warning("cannot open serial device %s (%s); retrying", s.device, exc)
+            self._counters.add("open_failures")
+            self.last_error = f"cannot open {s.device}: {exc}"
+            self._warner.warn((s.device, "open_failed"),
+                              "cannot open serial device %s (%s); retrying every %.1f s at most",
+                              s.device, exc, s.reopen_max_s)
             return None
+        self.last_error = None
         if self._counters.add("connects") > 0:
             self._counters.add("reconnects")
         log.info("serial device %s open (%d baud, %s)", s.device, s.baud, s.protocol)
@@ -198,16 +239,31 @@ class SerialSource(Source):
               and now - self._last_data >= self.settings.idle_flush_s):
             self._deliver(self.parser.flush)
             self._last_data = now
+        # after every read, data or not (reads return empty every read_timeout_s):
+        # a binary frame that stalled is dropped here
+        self._deliver(lambda: self.parser.poll(now))
 
     def _deliver(self, produce) -> None:
         try:
             with self._parser_lock:
                 chunks = produce()
+                news = self.parser.take_news()
         except Exception:  # noqa: BLE001 - the parsers are fuzzed not to raise; never die anyway
             self._counters.malformed("internal_error")
             log.exception("serial parser failed on data from %s; data skipped",
                           self.settings.device)
             return
+        self._warn(news)
         for chunk in chunks:
             self._counters.add("decoded")
             self._offer(chunk)
+
+    def _warn(self, news: Mapping[str, tuple[int, str]]) -> None:
+        """One rate-limited warning per (port, reason); every occurrence is counted by
+        the limiter (bounded: a read of READ_MAX bytes holds at most that many errors)."""
+        device, protocol = self.settings.device, self.settings.protocol
+        for reason, (n, detail) in news.items():
+            for _ in range(n):
+                self._warner.warn((device, reason),
+                                  "serial %s (%s): skipped (%s): found %s; counted by reason "
+                                  "in the source's stats", device, protocol, reason, detail)

@@ -1,10 +1,18 @@
-"""MQTT topics of chunks: ``edgefuse/{node}/{modality}`` and its subscription filter.
+"""MQTT topics of chunks: ``edgefuse/{node}/{modality}`` and its subscription filters.
+
+The subscription names the modalities: ``edgefuse/+/acoustic``,
+``edgefuse/+/seismic``, ... one filter per modality the source is given, so
+that the daemon's own decisions (``edgefuse/{node}/decisions``, the same
+shape) are never even delivered to it. Only a source that knows no
+modalities subscribes to the catch-all ``edgefuse/+/+`` (and then skips the
+reserved modalities in its callback).
 
 Standard library only (the MQTT receiver process imports it without numpy).
 """
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 
 from edgefuse.runtime.errors import ConfigError
 from edgefuse.sensors.accounting import BAD_TOPIC, RejectedPayload
@@ -36,8 +44,32 @@ class TopicPattern:
                 regex.append(re.escape(level))
                 filt.append(level)
         self.pattern = pattern
-        self.filter = "/".join(filt)
+        self.filter = "/".join(filt)   # the catch-all: any node, any modality
+        self._modality_level = levels.index("{modality}")
         self._regex = re.compile("/".join(regex) + r"\Z")
+
+    def filters(self, modalities: Iterable[str] | None) -> list[str]:
+        """Subscription filters for these modalities (None: the catch-all).
+
+        Reserved modalities are left out; ConfigError when a name cannot be one
+        topic level (empty, or holding '/', '+', '#' or NUL).
+        """
+        if modalities is None:
+            return [self.filter]
+        out = []
+        for modality in sorted(set(modalities)):
+            if not modality or any(c in modality for c in "/+#\0"):
+                raise ConfigError(f"modality {modality!r} cannot be an MQTT topic level "
+                                  f"of {self.pattern!r}; rename it (no '/', '+', '#')")
+            if modality in RESERVED_MODALITIES:
+                continue
+            levels = self.filter.split("/")
+            levels[self._modality_level] = modality
+            out.append("/".join(levels))
+        if not out:
+            raise ConfigError(f"no modality to subscribe to on {self.pattern!r}: found "
+                              f"{sorted(set(modalities))}")
+        return out
 
     def parse(self, topic: str) -> tuple[str, str]:
         match = self._regex.match(topic)

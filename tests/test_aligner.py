@@ -223,8 +223,11 @@ def test_empty_and_config_errors():
 
 
 def test_node_count_is_bounded_and_refusals_counted():
+    """Established nodes are never displaced: with probation_chunks=1 every node is
+    established by its first chunk, so once max_nodes are tracked new names are refused
+    (probation and eviction: tests/test_hostile_core.py)."""
     c = contract()
-    aligner = Aligner(c, AlignerConfig(max_nodes=3))
+    aligner = Aligner(c, AlignerConfig(max_nodes=3, probation_chunks=1))
     for i in range(10):
         chunks, _ = stream_chunks(f"n{i}", "a", 400.0, 0.5, 100)
         for ch in chunks:

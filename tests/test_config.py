@@ -21,6 +21,9 @@ def test_defaults_need_no_file(monkeypatch, tmp_path):
     assert c.source.mqtt.mqtt.port == 1884 and c.decision_mqtt().port == 1884
     assert c.sink.mqtt.enabled and c.sink.mqtt.topic == "edgefuse/{node}/decisions"
     assert c.source.serial == () and not c.metrics.enabled
+    # broker down at start: decide from the sources that are there (issue 8)
+    assert c.daemon.wait_for_sources == "any" and c.daemon.start_grace_s == 5.0
+    assert c.daemon.stall_timeout_s == 10.0
     assert c.outbox_path() == tmp_path / "edgefuse" / "outbox.sqlite"
     monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/edgefuse")
     assert c.outbox_path() == Path("/var/lib/edgefuse/outbox.sqlite")
@@ -34,6 +37,7 @@ def test_the_shipped_example_loads():
     assert c.pipeline.aligner.max_wait_ns == 2_000_000_000
     assert c.metrics.enabled and c.metrics.host == "127.0.0.1"
     assert c.outbox_path() == Path("/var/lib/edgefuse/outbox.sqlite")
+    assert c.daemon.wait_for_sources == "any" and c.daemon.stall_timeout_s == 10.0
 
 
 def test_command_line_overrides_the_file(tmp_path):
@@ -81,6 +85,10 @@ def test_unknown_keys_are_refused_by_name(doc, expect):
     ({"model": {"threads": 0}}, "[model] threads = 0 is out of range; allowed: 1..256"),
     ({"metrics": {"port": 70000}}, "[metrics] port = 70000 is out of range"),
     ({"daemon": {"read_timeout_s": 5.0}}, "[daemon] read_timeout_s = 5.0 is out of range"),
+    ({"daemon": {"wait_for_sources": "some"}},
+     "[daemon] wait_for_sources = 'some' is not allowed; allowed: ['any', 'all']"),
+    ({"daemon": {"stall_timeout_s": 0.0}}, "[daemon] stall_timeout_s = 0.0 is out of range"),
+    ({"daemon": {"start_grace_s": -1.0}}, "[daemon] start_grace_s = -1.0 is out of range"),
     ({"pipeline": {"aligner": {"min_coverage": 1.5}}}, "min_coverage = 1.5 is out of range"),
     ({"pipeline": {"max_wait_s": 60.0}}, "max_wait_s = 60.0 is out of range; allowed: 0..10 s"),
     ({"mqtt": {"protocol": "4"}}, "mqtt protocol must be one of ['3.1.1', '5'], found '4'"),

@@ -299,3 +299,56 @@ def test_bad_config_exits_1_naming_the_key(tmp_path, capsys, toml, expect):
     assert main(["run", "--config", str(path), "--model", str(MODEL)]) == 1
     assert expect in capsys.readouterr().err
 
+
+
+def test_broker_down_at_start_serial_still_decides_and_the_outbox_delivers_later(
+        tmp_path, socat_link):
+    """The broker (sensor source and decision sink alike) is down when the daemon starts:
+    with the default wait_for_sources = "any" it becomes ready on its serial source,
+    names the MQTT source that is not connected and why, decides the serial node's
+    chunks into the JSONL file and the outbox; once the broker is up, every queued
+    decision reaches a subscriber and the MQTT source subscribes."""
+    broker = Mosquitto(tmp_path / "broker", persistence=True)
+    broker.start()  # once, so that the subscriber's persistent session exists
+    Collector(broker, "edgefuse/+/decisions", session=True, client_id="late-reader").close()
+    broker.stop()
+    out = tmp_path / "d.jsonl"
+    config = tmp_path / "edgefuse.toml"
+    config.write_text("[mqtt]\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n"
+                      "[daemon]\nstart_grace_s = 1.0\n")
+    chunks = synthetic_chunks("s1", 8.0, seed=3)
+    source = f"mqtt:127.0.0.1:{broker.port}"
+    daemon = DaemonProcess(tmp_path, ["--config", config, *_mqtt_args(broker, out,
+                                                                      tmp_path / "ob"),
+                                      "--serial", socat_link.device])
+    collector = None
+    try:
+        daemon.wait_ready(timeout_s=60)
+        log = daemon.log()
+        assert f"source {source} is not connected after" in log, log
+        assert "connection refused" in log.split(f"source {source} is not connected")[1]
+        assert daemon.value("edgefuse_ready") == 1
+        simulate(chunks, SerialPublisher(socat_link.peer), speed=20.0)
+        daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
+        written = wait_until(lambda: out.read_text().splitlines() if out.exists() else [], 30,
+                             "decisions in the JSONL file")
+        daemon.wait_metric("edgefuse_outbox_depth", 1)  # queued while the broker is down
+        assert daemon.value("edgefuse_source_connected", source=source) == 0
+        assert daemon.proc.poll() is None
+
+        broker.start()
+        collector = Collector(broker, "edgefuse/+/decisions", session=True,
+                              client_id="late-reader")
+        daemon.wait_metric("edgefuse_source_subscribed_total", 1)  # the source caught up
+        wait_until(lambda: f"source {source} connected, " in daemon.log(), 30,
+                   "the late connection logged")
+        assert daemon.terminate() == 0, daemon.log()
+        written = out.read_text().splitlines()
+        wait_until(lambda: set(written) <= {p.decode() for p in collector.payloads()}, 30,
+                   "every queued decision at the subscriber")
+    finally:
+        daemon.close()
+        if collector is not None:
+            collector.close()
+        broker.stop(kill=True)
+    assert "\n".join(written) + "\n" == replay_text(write_log(tmp_path / "s.mcap", chunks))

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 from edgefuse.runtime.decision import Decision
 from edgefuse.runtime.errors import ConfigError, InputError
 from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.outbox import Outbox
+from edgefuse.runtime.outbox import Outbox, OutboxInUseError
 from edgefuse.runtime.sinks import JsonlSink, MqttDecisionSink
 
 from tests.conftest import Collector, Mosquitto, free_port, wait_until
@@ -50,7 +52,9 @@ def test_full_outbox_drops_the_oldest_and_counts(tmp_path):
             box.put("t", str(i))
         assert box.depth() == 4
         assert [r.payload for r in box.peek(10)] == [b"6", b"7", b"8", b"9"]
-        assert box.stats() == {"put": 10, "acked": 0, "dropped_full": 6, "depth": 4}
+        assert box.stats() == {"put": 10, "acked": 0, "dropped_full": 6, "depth": 4,
+                               "dropped_disk_full": 0, "delete_failures": 0,
+                               "acks_pending": 0, "disk_full": 0}
 
 
 def test_put_many_is_one_batch_and_respects_the_bound(tmp_path):
@@ -60,7 +64,9 @@ def test_put_many_is_one_batch_and_respects_the_bound(tmp_path):
         assert len(ids) == 3 and box.depth() == 4
         box.put_many([("t", str(i)) for i in range(10, 17)])   # 7 > max_rows
         assert [r.payload for r in box.peek(10)] == [f"{i}".encode() for i in range(12, 17)]
-        assert box.stats() == {"put": 11, "acked": 0, "dropped_full": 6, "depth": 5}
+        assert box.stats() == {"put": 11, "acked": 0, "dropped_full": 6, "depth": 5,
+                               "dropped_disk_full": 0, "delete_failures": 0,
+                               "acks_pending": 0, "disk_full": 0}
         assert box.put_many([]) == []
 
 
@@ -77,7 +83,7 @@ def test_bad_files_and_settings_are_refused(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    from edgefuse.runtime.outbox import Outbox
+    from edgefuse.runtime.outbox import Outbox, OutboxInUseError
     box = Outbox(sys.argv[1], synchronous=sys.argv[2])
     for i in range(int(sys.argv[3])):
         box.put("edgefuse/n1/decisions", ("row %d" % i).encode())
@@ -229,3 +235,57 @@ def test_refused_publishes_stay_in_the_outbox_and_are_retried(tmp_path):
 def test_decision_topic_is_checked(tmp_path):
     with pytest.raises(ConfigError):
         MqttDecisionSink(tmp_path / "o.db", MqttSettings(), topic="edgefuse/+/decisions")
+
+
+def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(tmp_path):
+    path = tmp_path / "o.db"
+    with Outbox(path) as box:
+        box.put("t", "x")
+        with pytest.raises(OutboxInUseError, match=re.escape(
+                f"outbox {path} is in use: process {os.getpid()} holds {path}.lock")):
+            Outbox(path)
+        assert box.depth() == 1  # the refused one touched nothing
+    box.close()  # a second close does nothing
+    with Outbox(path) as again:
+        assert again.depth() == 1
+
+
+_OWNER = textwrap.dedent("""
+    import sys, time
+    from edgefuse.runtime.errors import EdgefuseError
+    from edgefuse.runtime.outbox import Outbox
+    try:
+        box = Outbox(sys.argv[1])
+    except EdgefuseError as exc:
+        print("refused:", exc, flush=True)
+        sys.exit(1)
+    print("owner", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_second_process_is_refused_and_sigkill_releases_the_outbox(tmp_path):
+    """Two daemons on one outbox delivered every decision several times: the second
+    process must be refused at once, and the owner's death (even SIGKILL) frees it."""
+    path = tmp_path / "o.db"
+    owner = subprocess.Popen([sys.executable, "-c", _OWNER, str(path)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert owner.stdout.readline().strip() == "owner"
+        second = subprocess.run([sys.executable, "-c", _OWNER, str(path)], capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode == 1, second.stdout + second.stderr
+        assert second.stdout.count("\n") == 1 and second.stdout.startswith(
+            f"refused: outbox {path} is in use: process {owner.pid} holds {path}.lock"), \
+            second.stdout
+        assert "--outbox" in second.stdout  # says what to do
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(5)
+    third = subprocess.Popen([sys.executable, "-c", _OWNER, str(path)], stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert third.stdout.readline().strip() == "owner"
+    finally:
+        third.send_signal(signal.SIGKILL)
+        third.wait(5)

@@ -18,6 +18,7 @@ PASS_WITHOUT_ACOUSTIC = DATA / "goodvibes" / "passes" / "full" / "3A.9.81"
 CLOSE = DATA / "goodvibes" / "passes" / "close"
 MODEL = bundled_model_path()
 MODEL_IDENT = "gv-detect@1.0.0"
+HOP_NS = 500_000_000  # the bundled model's window hop
 
 
 def _replay(tmp_path, *inputs, name="d.jsonl", extra=()):
@@ -46,7 +47,10 @@ def test_pass_without_acoustic_names_missing_and_fallback_and_is_byte_identical(
         assert d["missing"] == ["acoustic"] and d["used"] == ["seismic"]
         assert d["missing_reason"]["acoustic"] == "no_stream"
         assert d["fallback"] in ("masked", "subset:seismic", "abstain")
-    assert [d["seq"] for d in decisions] == list(range(len(decisions)))
+    # seq is the window index: window_start_ns = seq * hop (0.5 s), increasing
+    seqs = [d["seq"] for d in decisions]
+    assert seqs == sorted(set(seqs))
+    assert all(d["window_start_ns"] == d["seq"] * HOP_NS for d in decisions)
 
 
 def test_decisions_carry_every_field_and_cover_the_passes(tmp_path):
@@ -65,7 +69,8 @@ def test_decisions_carry_every_field_and_cover_the_passes(tmp_path):
     for node in nodes:
         seqs = [d["seq"] for d in decisions if d["node"] == node]
         starts = [d["window_start_ns"] for d in decisions if d["node"] == node]
-        assert seqs == list(range(len(seqs))) and starts == sorted(starts)
+        assert seqs == sorted(set(seqs)) and starts == sorted(starts)
+        assert starts == [q * HOP_NS for q in seqs]  # seq is the window index
 
 
 def test_mcap_replay_equals_replay_of_its_sources(tmp_path):

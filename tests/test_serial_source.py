@@ -136,8 +136,9 @@ def test_binary_frame_payload_errors_are_counted():
               + encode_chunk_frame(good))
     got = parser.feed(stream)
     assert [c.seq for c in got] == [7, 7]
+    # a valid header announcing more than max_frame_bytes is refused at once as oversized
     assert parser.errors == {"truncated": 1, "unknown_modality": 1, "bad_dtype": 1,
-                             "bad_frame": 1}
+                             "oversized": 1}
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from edgefuse.runtime import wire
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.chunk import RATE_MAX_HZ, RATE_MIN_HZ, T0_MAX_NS, Chunk
 from edgefuse.runtime.errors import WireFormatError
 
 SETTINGS = settings(max_examples=200, deadline=None,
@@ -19,7 +19,8 @@ SETTINGS = settings(max_examples=200, deadline=None,
 
 shapes = st.tuples(st.integers(0, 50), st.integers(1, 8))
 rates = st.one_of(st.none(), st.floats(1e-3, 9.99e6, allow_nan=False))
-t0s = st.integers(-(1 << 63), (1 << 63) - 1)
+t0s = st.integers(0, (1 << 62) - 1)                     # what the decoders accept
+any_t0s = st.integers(-(1 << 63), (1 << 63) - 1)        # what a binary header can carry
 seqs = st.integers(-(1 << 63), (1 << 63) - 1)
 full_scales = st.one_of(st.none(), st.sampled_from([1.0, 32767.0, 2147483647.0, 0.5]))
 
@@ -97,7 +98,8 @@ def _decodes_or_wire_error(payload: bytes) -> None:
         return
     assert isinstance(chunk, Chunk)
     assert chunk.samples.dtype == np.float32 and chunk.samples.ndim == 2
-    assert chunk.rate_hz is None or 0 < chunk.rate_hz < 1e7
+    assert chunk.rate_hz is None or RATE_MIN_HZ <= chunk.rate_hz < RATE_MAX_HZ
+    assert 0 <= chunk.t0_ns < T0_MAX_NS
 
 
 @SETTINGS
@@ -114,7 +116,7 @@ def test_decode_payload_on_arbitrary_binary_headers(body, data):
         wire.MAGIC, data.draw(st.integers(0, 255)), data.draw(st.integers(0, 255)),
         data.draw(st.integers(0, 65535)),
         data.draw(st.floats(allow_nan=True, allow_infinity=True)),
-        data.draw(t0s), data.draw(seqs), data.draw(st.floats(width=32)), 0)
+        data.draw(any_t0s), data.draw(seqs), data.draw(st.floats(width=32)), 0)
     _decodes_or_wire_error(header + body)
 
 
@@ -188,3 +190,42 @@ def test_binary_rejects_truncated_body_and_oversize():
     with pytest.raises(WireFormatError, match="exceeds the limit"):
         wire.decode_binary(payload, "n", "m", max_payload=len(payload) - 1)
     assert math.isclose(wire.decode_binary(payload, "n", "m").rate_hz, 10.0)
+
+
+T_OK = 1_700_000_000_000_000_000
+
+
+def _binary(rate: float, t0: int) -> bytes:
+    header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, 2, 1, rate, t0, 1, 0.0, 0)
+    return header + np.array([1, 2, 3], "<f4").tobytes()
+
+
+def _json(rate: str, t0: int) -> bytes:
+    return b'{"t0_ns":%d,"rate_hz":%s,"seq":1,"values":[1,2,3]}' % (t0, rate.encode())
+
+
+# Issue 8: one JSON message with rate 5e-324 crashed the daemon, 1e-300 hung it.
+@pytest.mark.parametrize("rate", ["5e-324", "1e-300", "1e-5", "0.0009", "-1", "0",
+                                  "10000000", "1e308", "NaN", "Infinity", "-Infinity"])
+def test_absurd_rates_are_refused_by_both_decoders(rate):
+    with pytest.raises(WireFormatError, match=r"rate_hz .*\[0.001, 1e\+07\) Hz.*found"):
+        wire.decode_payload(_json(rate, T_OK), "evil5", "seismic")
+    if float(rate) != 0.0:  # 0 is "unknown" in the binary header
+        with pytest.raises(WireFormatError, match="evil5/seismic seq 1: rate_hz"):
+            wire.decode_payload(_binary(float(rate), T_OK), "evil5", "seismic")
+    assert wire.decode_payload(_binary(0.0, T_OK), "evil5", "seismic").rate_hz is None
+
+
+@pytest.mark.parametrize("t0", [-1, -(1 << 63), 1 << 62, (1 << 63) - 1])
+def test_times_outside_the_range_are_refused_by_both_decoders(t0):
+    for payload in (_json("800.0", t0), _binary(800.0, t0)):
+        with pytest.raises(WireFormatError, match=r"t0_ns must be in \[0, 2\*\*62\)"):
+            wire.decode_payload(payload, "n", "seismic")
+    for t0_ok in (0, (1 << 62) - 1):
+        for payload in (_json("800.0", t0_ok), _binary(800.0, t0_ok)):
+            assert wire.decode_payload(payload, "n", "seismic").t0_ns == t0_ok
+
+
+def test_the_rate_bounds_are_inclusive_below_and_exclusive_above():
+    assert wire.decode_payload(_json("0.001", T_OK), "n", "m").rate_hz == RATE_MIN_HZ
+    assert wire.decode_payload(_binary(9_999_999.0, T_OK), "n", "m").rate_hz == 9_999_999.0
