@@ -227,21 +227,3 @@ def max_output_diff(a: str | os.PathLike, b: str | os.PathLike, n: int = 64,
               .astype(np.float32) for m in c.modalities}
     mask = np.ones((n, len(c.modalities)), np.float32)
     return float(np.max(np.abs(ma.run(inputs, mask) - mb.run(inputs, mask))))
-
-
-def calibration_windows(model_path: str | os.PathLike, data_dir: str, n: int = 256,
-                        seed: int = 0) -> dict[str, np.ndarray]:
-    """n random windows with every modality present from the model's training side of
-    data_dir (its held-out keys excluded), for int8-static."""
-    from edgefuse.models.evaluate import eval_metadata, model_windows, select_windows
-    from edgefuse.models.splits import day_site_keys
-    model = OnnxModel.load(model_path)
-    ws, column = model_windows(model, data_dir)
-    test = set(eval_metadata(model).get("test") or ())
-    col = day_site_keys(ws) if column == "day_site" else ws.meta[column].astype(str)
-    idx = select_windows(ws, column, None)
-    idx = idx[~np.isin(col[idx], list(test)) & (ws.mask[idx] > 0).all(axis=1)]
-    if idx.size == 0:
-        raise ConfigError(f"no complete training-side window in {data_dir} to calibrate on")
-    pick = np.random.default_rng(seed).choice(idx, size=min(n, idx.size), replace=False)
-    return {m: ws.x[m][np.sort(pick)] for m in ws.modalities}

@@ -93,7 +93,7 @@ def cmd_quantize(args) -> int:
         raise InputError(f"model {args.model!r} does not exist", path=args.model)
     calibration = None
     if args.mode == "int8-static":
-        from edgefuse.exporters.quantize import calibration_windows
+        from edgefuse.models.evaluate import calibration_windows
         data = args.data or _default_data()
         if not data:
             raise InputError("int8-static needs --data (the data pack root) for calibration")

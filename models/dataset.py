@@ -101,25 +101,30 @@ class WindowSet:
                        pick("reason_"))
 
 
+SEQ_HOLE = 1000  # seq numbers skipped between the pieces of a segment
+
+
 def cut_segment(seg: Segment, grid: GridConfig, contract: ModelContract,
                 aligner_config: AlignerConfig | None = None) -> list:
     """Replay one segment through a fresh Aligner; returns its windows."""
     chunks = []
+    next_seq: dict[str, int] = {}
     for piece in seg.pieces:
         n_chunk = max(1, int(round(grid.chunk_s * piece.rate_hz)))
+        # A hole in seq between pieces: the time between them is a silence (lost
+        # data), not a clock step, which is what consecutive seqs would claim.
+        seq = next_seq.get(piece.modality, -SEQ_HOLE) + SEQ_HOLE
         for i in range(0, piece.samples.size, n_chunk):
             t0 = piece.t0_ns + int(round(i * 1e9 / piece.rate_hz))
             x = piece.samples[i:i + n_chunk].astype(np.float32)[:, None]
-            chunks.append(Chunk(seg.source, piece.modality, t0, piece.rate_hz, x, 0,
+            chunks.append(Chunk(seg.source, piece.modality, t0, piece.rate_hz, x, seq,
                                 full_scale=FULL_SCALE_INT16))
+            seq += 1
+        next_seq[piece.modality] = seq
     chunks.sort(key=lambda c: c.t0_ns)
-    seqs: dict[str, int] = {}
     aligner = Aligner(contract, aligner_config)
     windows = []
     for c in chunks:
-        seqs[c.modality] = seqs.get(c.modality, -1) + 1
-        c = Chunk(c.node, c.modality, c.t0_ns, c.rate_hz, c.samples, seqs[c.modality],
-                  c.full_scale)
         windows.extend(aligner.push(c))
     windows.extend(aligner.flush())
     return windows

@@ -16,6 +16,7 @@ are abstentions; they count as wrong and are reported (``abstained``).
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 import numpy as np
@@ -263,3 +264,21 @@ def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
     result.update({"task": task, "n_windows": result["windows"], "split": split,
                    "split_column": column, "split_keys": list(keys) if keys else "all"})
     return result
+
+
+def calibration_windows(model_path: str | os.PathLike, data_dir: str, n: int = 256,
+                        seed: int = 0) -> dict[str, np.ndarray]:
+    """n random windows with every modality present from the model's training side of
+    data_dir (its held-out keys excluded), for int8-static."""
+    from edgefuse.models.splits import day_site_keys
+    from edgefuse.runtime.errors import ConfigError
+    model = OnnxModel.load(model_path)
+    ws, column = model_windows(model, data_dir)
+    test = set(eval_metadata(model).get("test") or ())
+    col = day_site_keys(ws) if column == "day_site" else ws.meta[column].astype(str)
+    idx = select_windows(ws, column, None)
+    idx = idx[~np.isin(col[idx], list(test)) & (ws.mask[idx] > 0).all(axis=1)]
+    if idx.size == 0:
+        raise ConfigError(f"no complete training-side window in {data_dir} to calibrate on")
+    pick = np.random.default_rng(seed).choice(idx, size=min(n, idx.size), replace=False)
+    return {m: ws.x[m][np.sort(pick)] for m in ws.modalities}

@@ -16,9 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from edgefuse.exporters.quantize import (calibration_windows, quantize_model,
-                                         time_per_window_us)
-from edgefuse.models.evaluate import evaluate_on_data
+from edgefuse.exporters.quantize import quantize_model, time_per_window_us
+from edgefuse.models.evaluate import calibration_windows, evaluate_on_data
 
 
 def variants_report(model: str, data_dir: str, out_dir: str, rounds: int = 3) -> list[dict]:

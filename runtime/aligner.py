@@ -7,10 +7,25 @@ on the absolute timeline, so windows line up across nodes and across runs
 (live and replay cut the same windows from the same data).
 
 A window is emitted once every modality of the model has data past its end,
-or once the node's other streams are ``max_wait_ns`` past its end (the
-lagging modality is then missing: unplugged sensor, lost packets, silent
-node). Memory is bounded by the per-stream ring; a stream that runs too far
-ahead forces older windows out (counted in ``forced_windows``).
+or has been given up on for it: a modality silent (no chunk pushed) for
+``max_wait_ns`` of its own time, or more than ``max_lead_ns`` behind the node's
+newest data (it is then missing: unplugged sensor, lost packets, silent node,
+a clock far off). "Its own time" is the end of its data plus the node's time
+elapsed since it last pushed, where each push counts for at most the time its
+chunk holds: a stream whose clock stepped ahead of the others does not make
+them silent (issue 11), so live (arrival order) and replay (log-time order)
+close the same windows with the same data. Memory is bounded by the
+per-stream ring, sized for ``max_lead_ns``; a stream that runs further ahead
+forces older windows out (counted in ``forced_windows``).
+
+Clocks (issue 11, details in ``edgefuse.runtime.stream``): each stream detects
+steps of its own clock (``clock_steps``; the windows spanning one carry reason
+``clock_step``), measures its rate from the progress of t0 (``rate_mismatch``
+when a declared rate disagrees; ``drift_ppm`` for every stream), and its offset
+against the node's other streams is reported (``clock_offset_ms``, from receipt
+times live, from the steps in the data in replay; ``clock_skew`` beyond
+``skew_tolerance_s``). A t0 before ``min_t0_ns`` (2000) is refused as
+``bad_time`` with the unit the sender likely used named.
 
 Hostile input (issue 8) costs bounded work and never other nodes' windows:
 a chunk with a rate outside its modality's range or a time outside
@@ -32,13 +47,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefuse.runtime import kernels
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.chunk import T0_MAX_NS, Chunk
 from edgefuse.runtime.contract import ModelContract
 from edgefuse.runtime.errors import ConfigError
 from edgefuse.runtime.ratelimit import WarnLimiter
-from edgefuse.runtime.stream import BAD_RATE, BAD_TIME, StreamState, refusal
-from edgefuse.runtime.window import (REASON_CLIPPED, REASON_FLATLINE, REASON_GAP, REASON_NAN,
-                                     REASON_NO_STREAM, REASON_STUCK, Window)
+from edgefuse.runtime.stream import BAD_RATE, BAD_TIME, Y2000_NS, StreamState, refusal
+from edgefuse.runtime.window import (REASON_CLIPPED, REASON_CLOCK_STEP, REASON_FLATLINE,
+                                     REASON_GAP, REASON_NAN, REASON_NO_STREAM, REASON_STUCK,
+                                     Window)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +84,16 @@ class AlignerConfig:
     evict_after_s: float = 600.0
     probation_chunks: int = 8
     allowed_nodes: tuple[str, ...] = ()     # fnmatch patterns of node names; empty: any
+    # Clocks and units (issue 11; runtime/stream.py's docstring has the model).
+    max_lead_ns: int = 6_000_000_000        # how far a stream may lag the node's newest data
+    # before its windows close without it (a clock stepped by up to ~5 s on one stream
+    # then costs the others nothing); rings hold max(max_wait_ns, max_lead_ns)
+    clock_step_min_ns: int = 100_000_000    # a jump against the stream's own clock this big
+    # (beyond what lost chunks explain) is a clock step (NTP steps from 128 ms)
+    skew_tolerance_s: float = 0.5           # a stream's clock this far off the node's: clock_skew
+    min_t0_ns: int = Y2000_NS               # earlier t0 is refused (bad_time, unit named); 0: off
+    rate_tolerance: float = 0.02            # declared rate vs the progress of t0: rate_mismatch
+    trust_declared_rate: bool = False       # on a mismatch keep placing at the declared rate
 
     def __post_init__(self) -> None:
         if isinstance(self.allowed_nodes, list):  # built in code rather than from TOML
@@ -88,6 +114,14 @@ class AlignerConfig:
              < self.evict_after_s <= 30 * 86_400,
              "more than (max_wait_ns + reorder_horizon_ns) / 1e9 s, at most 30 days"),
             ("probation_chunks", 1 <= self.probation_chunks <= 10_000, "1..10000"),
+            ("max_lead_ns", 0 <= self.max_lead_ns <= 600_000_000_000, "0..600 s"),
+            ("clock_step_min_ns", 1_000_000 <= self.clock_step_min_ns <= 86_400_000_000_000,
+             "1 ms .. 1 day"),
+            ("skew_tolerance_s", 0.0 < self.skew_tolerance_s <= 86_400.0, "(0, 86400] s"),
+            ("min_t0_ns", 0 <= self.min_t0_ns < T0_MAX_NS,
+             f"0 (any t0, for relative times) .. 2**62 ns; default {Y2000_NS} (2000-01-01)"),
+            ("rate_tolerance", 0.0 < self.rate_tolerance <= 1.0, "(0, 1] (0.02 = 2 %)"),
+            ("trust_declared_rate", isinstance(self.trust_declared_rate, bool), "true or false"),
             ("allowed_nodes", isinstance(self.allowed_nodes, tuple)
              and len(self.allowed_nodes) <= 1000
              and all(isinstance(p, str) and 0 < len(p) <= 256 for p in self.allowed_nodes),
@@ -109,6 +143,7 @@ class _Node:
         # so (node, window index) stays unique for the aligner's lifetime.
         self.min_k = min_k
         self.chunks = 0                 # chunks accepted, up to probation_chunks
+        self.elapsed_ns = 0             # data time elapsed, robust to clock jumps (push)
         self.seen_at: int | None = None  # the frontier when it last pushed
 
     def progress_ns(self) -> int:
@@ -157,7 +192,7 @@ class Aligner:
         if node is None and not self._allowed(chunk.node):
             return self._refuse("not_allowed_chunks", chunk,
                                 "the node name matches no pattern of aligner.allowed_nodes")
-        bad = refusal(chunk, spec.rate_hz)
+        bad = refusal(chunk, spec.rate_hz, self.config.min_t0_ns)
         if bad is not None:
             return self._refuse(bad[0], chunk, bad[1])
         if node is None:
@@ -171,7 +206,20 @@ class Aligner:
         stream = node.streams.get(chunk.modality)
         if stream is None:
             stream = node.streams[chunk.modality] = self._new_stream(node, spec)
+        steps = stream.counters.clock_steps
+        before = node.progress_ns()
         stream.push(chunk)
+        # The node's elapsed time: its progress, but each push counts for at most the
+        # time its chunk holds, so a stream whose clock jumps ahead does not make the
+        # node's other streams look silent (see _emit_ready).
+        after = node.progress_ns()
+        if before != NO_PROGRESS and after > before:
+            rate = float(chunk.rate_hz) if chunk.rate_hz is not None else \
+                (stream.counters.rate_hz or spec.rate_hz)
+            node.elapsed_ns += min(after - before, int(chunk.n * 1e9 / rate))
+        stream.pushed_at_ns = node.elapsed_ns
+        if chunk.received_ns is not None or stream.counters.clock_steps != steps:
+            self._check_clocks(node)
         self._emit_ready(node, final=False)
         self._advance_frontier(node)
         self._evict_silent(node)
@@ -313,7 +361,14 @@ class Aligner:
         cfg = self.config
         c = self.contract
         win = self._win[spec.name]
-        slack_s = (cfg.max_wait_ns + cfg.reorder_horizon_ns + c.hop_ns) / 1e9 + cfg.ring_extra_s
+        # The ring holds a window plus the longest a window may wait for its slowest
+        # stream (silent: max_wait_ns; lagging: max_lead_ns) plus the reorder horizon,
+        # a hop and ring_extra_s for chunk lengths: the newest data never overwrites a
+        # window still open. At the defaults 1 + 6 + 0.5 + 0.5 + 1 = 9 s per stream:
+        # acoustic 4934 Hz 222 KB, seismic 800 Hz 36 KB, IMU 6 ch 100 Hz 23 KB
+        # (float32 samples + a status byte per grid point).
+        slack_s = (max(cfg.max_wait_ns, cfg.max_lead_ns) + cfg.reorder_horizon_ns
+                   + c.hop_ns) / 1e9 + cfg.ring_extra_s
         ring = win + int(math.ceil(slack_s * spec.rate_hz))
 
         def make_room(stream: StreamState, g_hi: int, node=node) -> None:
@@ -324,12 +379,68 @@ class Aligner:
 
         return StreamState(node.name, spec, c.hop_ns, win, ring, cfg.reorder_horizon_ns,
                            cfg.gap_tolerance, cfg.max_pending_chunks, cfg.rate_history,
-                           cfg.antialias, make_room, warn=warn)
+                           cfg.antialias, make_room, warn=warn,
+                           clock_step_min_ns=cfg.clock_step_min_ns,
+                           rate_tolerance=cfg.rate_tolerance,
+                           trust_declared_rate=cfg.trust_declared_rate)
 
-    def _first_k(self, node: _Node) -> int | None:
-        starts = [s.segment_start_ns for s in node.streams.values()
-                  if s.segment_start_ns is not None]
+    # -- clocks across a node's streams (reporting only) ---------------------
+    def _check_clocks(self, node: _Node) -> None:
+        """Each stream's clock offset against the node's other streams: from receipt
+        times where at least two streams have them (live: label time of a chunk's end
+        minus its arrival, median of the last 32), else from the clock steps the data
+        shows (replay). Against the median of all streams when there are three or
+        more, else against the other one (with two, neither can be blamed). Beyond
+        skew_tolerance_s a stream is flagged clock_skew, counted and warned. Never
+        changes a window: live and replay decide alike."""
+        streams = node.streams
+        values = {m: s.arrival_offset_ns for m, s in streams.items()
+                  if s.arrival_offset_ns is not None}
+        source = "arrival"
+        if len(values) < 2:
+            values = {m: s.step_total_ns for m, s in streams.items() if s.end_ns is not None}
+            source = "steps"
+        if len(values) < 2:
+            return
+        ordered = sorted(values.values())
+        middle = ordered[len(ordered) // 2] if len(ordered) % 2 else \
+            (ordered[len(ordered) // 2 - 1] + ordered[len(ordered) // 2]) / 2
+        tolerance_ms = self.config.skew_tolerance_s * 1e3
+        for m, value in values.items():
+            if len(values) == 2:
+                ref = next(v for other, v in values.items() if other != m)
+            else:
+                ref = middle
+            c = streams[m].counters
+            c.clock_offset_ms = (value - ref) / 1e6
+            c.clock_offset_from = source
+            off = abs(c.clock_offset_ms)
+            if off > tolerance_ms and not c.clock_skew:
+                c.clock_skew = True
+                c.clock_skew_events += 1
+                self._warn(node, (node.name, m, "clock_skew"),
+                           "%s/%s: its clock is %+.3f s off the node's other streams (%s; "
+                           "measured from %s%s); beyond aligner.skew_tolerance_s = %g s: "
+                           "windows pair its data with theirs that far apart", node.name, m,
+                           c.clock_offset_ms / 1e3, ", ".join(o for o in values if o != m),
+                           "receipt times" if source == "arrival" else
+                           "the clock steps in the data",
+                           "; with two streams either may be the one off"
+                           if len(values) == 2 else "", self.config.skew_tolerance_s)
+            elif off <= tolerance_ms / 2 and c.clock_skew:
+                c.clock_skew = False
+
+    def _first_k(self, node: _Node, force: bool = False) -> int | None:
+        """The node's first window: the first starting at or after its first sample.
+        Fixed once every modality has started, or the node's elapsed time reached
+        max_wait (or force: room is needed, the input ended), so a modality whose first
+        chunk waits in its reorder buffer while another starts (arrival order) does not
+        lose its first window that a t0-sorted replay keeps."""
+        starts = [s.first_ns for s in node.streams.values() if s.first_ns is not None]
         if not starts:
+            return None
+        if not force and len(starts) < len(self._specs) and \
+                node.elapsed_ns < self.config.max_wait_ns:
             return None
         hop = self.contract.hop_ns
         first = -((-min(starts)) // hop)  # first window starting at or after the first sample
@@ -341,11 +452,13 @@ class Aligner:
     # at most a ring per stream), capped where the loop's own checks end.
     def _make_room(self, node: _Node, stream: StreamState, g_hi: int) -> None:
         """Emit (forced) every window of node whose start would be overwritten."""
-        if node.next_k is None:
-            node.next_k = self._first_k(node)
-            if node.next_k is None:
-                return
         hop = self.contract.hop_ns
+        if node.next_k is None:
+            first = self._first_k(node, force=True)
+            if first is None or stream.anchor_ns is None or \
+                    stream.grid_index(first * hop) >= g_hi - stream.cap:
+                return  # nothing to force yet: the first window stays open to fix
+            node.next_k = first
         while stream.anchor_ns is not None and \
                 stream.grid_index(node.next_k * hop) < g_hi - stream.cap:
             k = node.next_k
@@ -364,22 +477,32 @@ class Aligner:
 
     def _emit_ready(self, node: _Node, final: bool) -> None:
         if node.next_k is None:
-            node.next_k = self._first_k(node)
+            node.next_k = self._first_k(node, force=final)
             if node.next_k is None:
                 return
         hop, win_ns = self.contract.hop_ns, self.contract.window_ns
-        wait = self.config.max_wait_ns
+        wait, lead = self.config.max_wait_ns, self.config.max_lead_ns
         streams = [node.streams.get(name) for name in self._specs]
         progress = node.progress_ns()
+        # Windows ending by give_up[i] no longer wait for stream i: it has been silent
+        # for max_wait of its own time (its data's end plus the node's elapsed time
+        # since it last pushed; a modality not seen yet: the node's progress), or it
+        # lags the node's newest data by more than max_lead. A stream that keeps
+        # pushing is waited for however far another stream's clock ran ahead of it.
+        give_up = [max((progress if s is None or s.end_ns is None else
+                        s.end_ns + node.elapsed_ns - s.pushed_at_ns) - wait, progress - lead)
+                   for s in streams]
         while True:
             k = node.next_k
             start = k * hop
             end = start + win_ns
             if end > progress:
                 return
-            if not final and progress < end + wait:
-                # Every modality must be written through the window or have waited enough.
-                for s in streams:
+            if not final:
+                # Every modality must be written through the window or be given up on.
+                for s, g in zip(streams, give_up):
+                    if end <= g:
+                        continue
                     if s is None or s.written_g is None or \
                             s.written_g < round((end - s.anchor_ns) * s.fs / 1e9):
                         return
@@ -395,10 +518,10 @@ class Aligner:
             # of the last window ending by the time those checks pass.
             ready_by = progress
             if not final:
-                written = min((s.anchor_ns + int((s.written_g - 1) * 1e9 / s.fs)
-                               if s is not None and s.written_g is not None else NO_PROGRESS)
-                              for s in streams)
-                ready_by = min(progress, max(progress - wait, written))
+                ready_by = min(progress, min(
+                    max(g, s.anchor_ns + int((s.written_g - 1) * 1e9 / s.fs)
+                        if s is not None and s.written_g is not None else NO_PROGRESS)
+                    for s, g in zip(streams, give_up)))
             last_ready = (ready_by - win_ns) // hop
             node.next_k = max(k + 1, min(self._next_data_k(node, k + 1), last_ready + 1))
 
@@ -451,27 +574,33 @@ class Aligner:
                 present[name], reasons[name], coverage[name] = False, REASON_NO_STREAM, 0.0
                 continue
             g_lo = round((start - s.anchor_ns) * s.fs / 1e9)
-            # Only the part the stream has written is data; past it the ring is stale.
-            n_avail = max(0, min(n, s.written_g - g_lo))
-            if n_avail == n:
+            # Only grid indices [max(0, written_g - cap), written_g) are this stream's
+            # data in the ring: past written_g it is stale, before it overwritten (or,
+            # before the anchor, never written: a window of a node before the stream
+            # started must not read the ring modulo its size).
+            gone = min(n, max(0, max(0, s.written_g - s.cap) - g_lo))
+            n_avail = max(gone, min(n, s.written_g - g_lo))
+            if gone == 0 and n_avail == n:
                 out = np.empty((spec.channels, n), np.float32)
                 kernels._window_stats(s.ring, s.status, g_lo, n, s.full_scale, out, stats)
             else:
                 out = np.zeros((spec.channels, n), np.float32)
-                if n_avail > 0:
-                    part = np.empty((spec.channels, n_avail), np.float32)
-                    kernels._window_stats(s.ring, s.status, g_lo, n_avail, s.full_scale, part,
-                                          stats)
-                    out[:, :n_avail] = part
+                if n_avail > gone:
+                    part = np.empty((spec.channels, n_avail - gone), np.float32)
+                    kernels._window_stats(s.ring, s.status, g_lo + gone, n_avail - gone,
+                                          s.full_scale, part, stats)
+                    out[:, gone:n_avail] = part
                 else:
                     stats[:] = 0.0
-                stats[2] += n - n_avail
+                stats[2] += n - (n_avail - gone)
             data[name] = out
             valid = int(stats[0])
             cov = valid / n
             coverage[name] = cov
             any_data = any_data or valid > 0
             reason = self._reason(cov, stats)
+            if s.steps and s.step_within(start, start + c.window_ns):
+                reason = REASON_CLOCK_STEP  # its clock stepped inside: placement unsure
             present[name] = reason is None
             if reason is not None:
                 reasons[name] = reason

@@ -1,7 +1,15 @@
 """The ``edgefuse`` command line.
 
-The only place that prints to the terminal and chooses exit codes: 0 ok,
-1 a run that failed (bad input, bad model, unwritable output), 2 usage.
+The only place that prints to the terminal and chooses exit codes:
+
+    0    ok
+    1    a run that failed (bad input, bad model, unwritable output, a start
+         that cannot work), with one line saying why
+    2    usage (bad options, a bad --inject fault spec)
+    3    replay: chunks were read but no decision could be made (the line
+         says why, e.g. every chunk late because t0 looks like seconds)
+    130  interrupted (Ctrl-C)
+
 Heavy and optional imports (torch for train/export) happen inside commands.
 """
 from __future__ import annotations
@@ -16,9 +24,31 @@ from pathlib import Path
 
 from edgefuse.runtime import __version__
 from edgefuse.runtime.errors import EdgefuseError
+from edgefuse.runtime.faults import FaultSpecError
 from edgefuse.runtime.info import DEFAULT_MODEL, bundled_model_path
 
 log = logging.getLogger("edgefuse")
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DECISION = 0, 1, 2, 3
+
+EXIT_CODES = """exit codes: 0 ok; 1 the run failed (one line says why); 2 usage (bad options,
+bad --inject spec); 3 replay read chunks but made no decision (the summary says why);
+130 interrupted"""
+
+INJECT_HELP = """fault injection (replay --inject SPEC, repeatable; seeded by --inject-seed):
+  KIND:TARGET[@WHEN][=VALUE]   TARGET = MODALITY or NODE/MODALITY (* = every modality);
+  times need a unit (ns, us, ms, s, min) and count from the recording's start
+  drop:acoustic@60s+10s     lose the stream's chunks in [60 s, 70 s) (@60s: to the end)
+  step:acoustic@300s=+2s    the stream's clock steps by +2 s (or -2s) at 300 s
+  jitter:seismic=0.3ms      each t0 moves by a uniform offset in [-0.3, +0.3] ms
+  skew:acoustic=+200ppm     the sender's clock runs 200 ppm fast (rate_hz unchanged)
+  units:imu=s               the sender writes seconds (ms, us) into t0_ns
+  rate:imu=x0.5             the sender declares half its real rate (=800Hz; =0: unknown)
+  dup:imu=5%                5 % of the chunks arrive twice
+  reorder:imu=5%            5 % arrive after 1..4 later chunks of the stream
+                            (reorder:imu=5%,horizon=8 for up to 8)
+  Chunks keep their order in the log (arrival order): a stepped stream's chunks are
+  not re-sorted by their new t0, as they would not be live. See runtime/faults.py."""
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -58,21 +88,28 @@ def cmd_replay(args) -> int:
     from edgefuse.runtime.pipeline import PipelineConfig
     from edgefuse.runtime.replay import replay
     from edgefuse.sensors.inputs import open_inputs
+    from edgefuse.runtime.faults import parse_fault
     if args.speed is not None and not args.speed > 0:
         raise EdgefuseError(f"--speed must be > 0, found {args.speed}")
+    faults = [parse_fault(spec) for spec in args.inject]  # FaultSpecError: exit 2
     inputs = open_inputs(args.inputs, chunk_s=args.chunk_s)
     model = _load_model(args)
     config = PipelineConfig(aligner=AlignerConfig(min_coverage=args.min_coverage),
                             max_batch=args.max_batch, abstain_below=args.abstain_below)
     with _open_out(args.out) as out:
         summary = replay(inputs, model, out, config=config, speed=args.speed,
-                         progress=not args.quiet)
+                         progress=not args.quiet, faults=faults, inject_seed=args.inject_seed)
     log.info("replayed %.1f s of data in %.2f s (%.0fx real time): %d chunks, %d decisions",
              summary.span_s, summary.wall_s, summary.realtime_factor, summary.chunks,
              summary.decisions)
     if args.stats:
         Path(args.stats).write_text(json.dumps(summary.stats, indent=1, sort_keys=True))
-    return 0
+    print(f"edgefuse replay: {summary.line()}", file=sys.stderr)
+    reason = summary.no_decision_reason()
+    if reason is not None:
+        print(f"edgefuse replay: error: {reason}", file=sys.stderr)
+        return EXIT_NO_DECISION
+    return EXIT_OK
 
 
 def cmd_record(args) -> int:
@@ -161,7 +198,8 @@ def cmd_simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgefuse", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="edgefuse", description=__doc__.splitlines()[0],
+                                     epilog=EXIT_CODES)
     parser.add_argument("--version", action="version", version=f"edgefuse {__version__}")
     parser.add_argument("--log-level", default=os.environ.get("EDGEFUSE_LOG_LEVEL"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"],
@@ -170,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "WARNING otherwise")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("replay", help="replay recorded sensor logs through a model")
+    p = sub.add_parser("replay", help="replay recorded sensor logs through a model",
+                       description="Replay recorded sensor logs through a model: decisions "
+                       "as JSON Lines, then one summary line on stderr.",
+                       epilog=INJECT_HELP + "\n\n" + EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="MCAP logs, goodvibes pass folders / raw WAVs, "
                    "sp-sw-har CSVs or folders")
     _add_model_args(p)
@@ -185,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--abstain-below", type=float, default=0.0,
                    help="abstain when a modality is missing and the top score is below this")
     p.add_argument("--stats", default=None, help="write counters (gaps, drops, drift) as JSON")
+    p.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                   help="inject a fault into the recording on its way into the pipeline "
+                        "(repeatable; see below), e.g. step:acoustic@300s=+2s")
+    p.add_argument("--inject-seed", type=int, default=0, metavar="N",
+                   help="seed of the injected faults' randomness (default 0): the same "
+                        "seed gives the same faults")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_replay)
 
@@ -260,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("edgefuse").setLevel(logging.INFO)
     try:
         return args.func(args)
+    except FaultSpecError as exc:  # a bad --inject spec is a usage error
+        print(f"edgefuse {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except EdgefuseError as exc:
         # one line, whatever the message holds (a wrapped OS or TLS error may not be)
         message = " ".join(str(exc).splitlines())

@@ -27,6 +27,7 @@ from edgefuse.runtime.mqtt_client import MqttSettings
 from edgefuse.runtime.outbox import DEFAULT_MAX_ROWS, SYNC_MODES
 from edgefuse.runtime.pipeline import PipelineConfig
 from edgefuse.runtime.sinks import DEFAULT_DECISION_TOPIC
+from edgefuse.sensors.base import CLOCK_OFFSET_ACTIONS
 from edgefuse.sensors.mqtt_source import MqttSourceSettings
 from edgefuse.sensors.serial_source import SerialSettings
 
@@ -134,6 +135,13 @@ class DaemonSettings:
     stall_timeout_s: float = 10.0
     record: str = ""                     # "" -> no recording; else an MCAP path
     latency_trace: str = ""              # "" -> off; else a JSONL file (benchmarks)
+    # A live chunk whose t0 is further than this from its receipt time (wall clock) is
+    # counted and warned with its topic/port, node and modality; 0 turns the check off.
+    # Past it a t0 that is no clock time (before 2000: seconds or ms sent as ns) is
+    # refused (bad_time); a plausible one is kept ("warn", counted clock_offset) or
+    # refused ("refuse"). See sensors.base.ClockCheck.
+    max_clock_offset_s: float = 86_400.0
+    clock_offset_action: str = "warn"
 
     def __post_init__(self) -> None:
         _check_range("read_timeout_s", self.read_timeout_s, 0.0005, 1.0)
@@ -141,6 +149,10 @@ class DaemonSettings:
         _check_range("start_grace_s", self.start_grace_s, 0.0, 3600.0)
         _check_range("drain_timeout_s", self.drain_timeout_s, 0.0, 3600.0)
         _check_range("stall_timeout_s", self.stall_timeout_s, 0.1, 3600.0)
+        _check_range("max_clock_offset_s", self.max_clock_offset_s, 0.0, 3.2e9)
+        if self.clock_offset_action not in CLOCK_OFFSET_ACTIONS:
+            raise ConfigError(f"clock_offset_action = {self.clock_offset_action!r} is not "
+                              f"allowed; allowed: {list(CLOCK_OFFSET_ACTIONS)}")
         if self.wait_for_sources not in WAIT_FOR_SOURCES:
             raise ConfigError(f"wait_for_sources = {self.wait_for_sources!r} is not allowed; "
                               f"allowed: {list(WAIT_FOR_SOURCES)}")

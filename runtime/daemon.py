@@ -102,6 +102,9 @@ class Daemon:
         self._reloaded: list = []            # [OnnxModel | Exception] from the reload thread
         self._reload_thread: threading.Thread | None = None
         self._arrivals: deque = deque()      # per pending window: (arrival ns, closing chunk)
+        # (node, modality) -> CLOCK_MONOTONIC ns of its last chunk's arrival; pruned to
+        # the aligner's streams at every snapshot (edgefuse_stream_last_seen_age_seconds)
+        self._last_seen: dict[tuple[str, str], int] = {}
         self._sink_failures = 0
         self._last_snapshot = 0.0
         self._trace = None
@@ -213,14 +216,23 @@ class Daemon:
                               "[sink.mqtt], [sink.jsonl] path or [sink.stdout]")
 
     def _open_sources(self, model: OnnxModel) -> None:
+        from edgefuse.sensors.base import ClockCheck
         channels = {m.name: m.channels for m in model.contract.modalities}
         cfg = self.config.source
+        d = self.config.daemon
+        clock = ClockCheck(d.max_clock_offset_s, d.clock_offset_action)
         if cfg.mqtt is not None:
             from edgefuse.sensors.mqtt_source import make_mqtt_source
-            self.sources.append(make_mqtt_source(cfg.mqtt, channels=channels))
+            self.sources.append(make_mqtt_source(cfg.mqtt, channels=channels,
+                                                 clock_check=clock))
         for serial_settings in cfg.serial:
             from edgefuse.sensors.serial_source import SerialSource
-            self.sources.append(SerialSource(serial_settings, channels=channels))
+            # A serial line carries any modality name: refuse the ones the model has no
+            # use for at the port, named ("Acoustic": did you mean 'acoustic'?), as the
+            # MQTT source's per-modality subscriptions never receive them.
+            allowed = serial_settings.allowed_modalities or tuple(channels)
+            self.sources.append(SerialSource(serial_settings, allowed_modalities=allowed,
+                                             channels=channels, clock_check=clock))
         if not self.sources:
             raise ConfigError("no source is configured: enable [source.mqtt] or add a "
                               "[[source.serial]] table (or pass --mqtt / --serial)")
@@ -247,6 +259,8 @@ class Daemon:
             now = time.monotonic()
             if not waiting:
                 return
+            if now - self._last_snapshot >= SNAPSHOT_PERIOD_S:
+                self._snapshot()  # a scrape during the wait shows the sources' state
             if cfg.wait_for_sources == "any" and len(waiting) < len(self.sources):
                 grace_end = grace_end or min(deadline, now + cfg.start_grace_s)
                 if now >= grace_end:
@@ -316,6 +330,7 @@ class Daemon:
         # Latency counts from the source's receipt (the MQTT receiver process stamps
         # it), so time spent in the input queues is included.
         arrival = chunk.received_ns or time.monotonic_ns()
+        self._last_seen[(chunk.node, chunk.modality)] = arrival
         if self.recorder is not None:
             self.recorder.write(chunk)
         before = self.pipeline.pending_windows()
@@ -456,7 +471,11 @@ class Daemon:
     def _snapshot(self) -> None:
         self._last_snapshot = time.monotonic()
         stats = self.pipeline.stats()
-        snap = {"streams": stats["streams"], "aligner": stats["aligner"],
+        streams = stats["streams"]
+        for key in [k for k in self._last_seen if f"{k[0]}/{k[1]}" not in streams]:
+            del self._last_seen[key]  # evicted or refused streams: bounded by the aligner's
+        snap = {"streams": streams, "aligner": stats["aligner"],
+                "last_seen": {f"{n}/{m}": t / 1e9 for (n, m), t in self._last_seen.items()},
                 "fusion": stats.get("fusion", {}), "timing": stats.get("timing", {}),
                 "sources": {self._source_name(s): s.stats() for s in self.sources},
                 "sinks": {}, "pending_windows": self.pipeline.pending_windows()}

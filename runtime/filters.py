@@ -28,3 +28,14 @@ def butter4_lowpass_sos(cutoff_hz: float, rate_hz: float) -> np.ndarray:
         sos[row] = [1.0, 2.0, 1.0, 1.0, -2.0 * p.real, abs(p) ** 2]  # zeros at z = -1
     sos[0, :3] *= gain
     return sos
+
+
+def lowpass_delay_samples(sos: np.ndarray) -> float:
+    """Group delay at 0 Hz, in input samples, of a cascade of second-order sections
+    (rows b0 b1 b2 a0 a1 a2, a0 = 1): the sum over sections of the delay of the
+    numerator minus that of the denominator, each sum(k c_k) / sum(c_k). For a low-pass
+    it is also the centroid of the impulse response: where a spike's energy lands."""
+    delay = 0.0
+    for b0, b1, b2, a0, a1, a2 in np.asarray(sos, np.float64):
+        delay += (b1 + 2.0 * b2) / (b0 + b1 + b2) - (a1 + 2.0 * a2) / (a0 + a1 + a2)
+    return float(delay)

@@ -21,23 +21,36 @@ appears without code here:
     edgefuse_pipeline_<key>_total                pipeline timing (``*_s`` -> ``*_seconds``)
     edgefuse_sink_<key>_total{sink}              each sink's stats()
 
-A value is a counter unless it is a bool or its key is in ``GAUGES`` (a level,
-not a count: add new levels there); a dict of numbers becomes one family with
+A value is a counter unless it is a bool, its key is in ``GAUGES`` (a level,
+not a count: add new levels there) or ends in ``_ppm`` or ``_hz`` (rates and
+drifts are levels); a dict of numbers becomes one family with
 an extra label (``reason`` for ``malformed``, ``route`` for fusion, else
 ``kind``); strings and None are not exported. A generic name that would clash
 with a metric defined here is skipped. The names metrics.py used before the
 generic export (``edgefuse_stream_late_chunks``, ``edgefuse_aligner_events``,
 ``edgefuse_outbox_*`` ...) are kept.
 
+Per stream, from the daemon's own bookkeeping (not the aligner's stats):
+
+    edgefuse_stream_last_seen_age_seconds{node,modality}    seconds since the
+        stream's last chunk arrived (computed at scrape time, so it grows during
+        an outage between two snapshots)
+    edgefuse_stream_missing_windows_total{node,modality,reason}    decided windows
+        of the node in which the modality was missing, by reason (gap,
+        no_stream, clock_step, ...)
+
 Label cardinality is bounded: stream series by ``aligner.max_nodes`` times the
 model's modalities (evicted nodes drop out of the snapshot), source and sink
 series by the config, reason/kind labels by the fixed sets the code counts.
+The two daemon-side stream families keep only the streams (nodes) that are in
+the aligner's snapshot.
 """
 from __future__ import annotations
 
 import logging
 import re
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -58,7 +71,17 @@ GAUGES = frozenset({"rate_hz", "drift_ppm", "queued", "depth", "inflight", "node
                     "pending", "pending_chunks", "buffered_bytes",
                     # the outbox's levels, also as the decision sink reports them
                     "acks_pending", "disk_full", "outbox_depth", "outbox_acks_pending",
-                    "outbox_disk_full"})
+                    "outbox_disk_full",
+                    # a stream's clock model (issue 11): its offset against the node's
+                    # other streams (clock_skew is a bool: a gauge by itself)
+                    "clock_offset_ms"})
+# Key endings that are always levels: rates (Hz) and drifts (ppm).
+GAUGE_SUFFIXES = ("_hz", "_ppm")
+
+
+def is_level(key: str) -> bool:
+    """True when a stats key is a level (a gauge), not a count."""
+    return key in GAUGES or key.endswith(GAUGE_SUFFIXES)
 # Derived sums that would duplicate a family (``malformed_total`` sums ``malformed``).
 SKIPPED = frozenset({"malformed_total"})
 
@@ -78,7 +101,7 @@ STREAM_COUNTERS = {
 }
 # per-stream counters of chunks the aligner dropped (their sum: edgefuse_stream_drops)
 DROP_COUNTERS = ("late", "duplicates", "reorder_overflow", "unknown_rate_chunks",
-                 "bad_rate_chunks", "bad_time_chunks")
+                 "bad_rate_chunks", "bad_time_chunks", "step_overlap_chunks")
 # source counter -> help; these are exported for every source (0 when it lacks them)
 SOURCE_COUNTERS = {
     "received": "messages received by the transport",
@@ -91,6 +114,8 @@ SOURCE_COUNTERS = {
     "subscribed": "MQTT subscriptions acknowledged (one per broker session)",
     "disconnects": "losses of the transport",
     "receiver_starts": "starts of the MQTT receiver process (1 + restarts after it died)",
+    "clock_offset": "chunks kept whose t0 was further than [daemon] max_clock_offset_s from "
+                    "their receipt time (refused ones: malformed{reason=\"bad_time\"})",
 }
 SOURCE_DOCS = {
     "malformed": "messages skipped as malformed, by reason",
@@ -159,7 +184,7 @@ class _Families:
             if isinstance(value, bool):
                 self.add(name, doc, labels, values, 1.0 if value else 0.0, gauge=True)
             elif _is_number(value):
-                self.add(name, doc, labels, values, value, gauge=key in GAUGES)
+                self.add(name, doc, labels, values, value, gauge=is_level(key))
 
     def __iter__(self) -> Iterator:
         return (fam for fam, _, _ in self._fams.values())
@@ -182,6 +207,7 @@ class _SnapshotCollector(Collector):
             snap = self._snap
         fams = _Families(self._reserved)
         self._streams(fams, snap.get("streams", {}))
+        self._stream_health(fams, snap.get("last_seen", {}), snap.get("stream_missing", {}))
         self._sources(fams, snap.get("sources", {}))
 
         aligner = snap.get("aligner", {})
@@ -189,7 +215,7 @@ class _SnapshotCollector(Collector):
                           "one family per kind, edgefuse_aligner_<kind>_total)", ["kind"],
                           gauge=False)
         for kind, n in aligner.items():
-            if _is_number(n) and kind not in GAUGES:
+            if _is_number(n) and not is_level(kind):
                 events.add_metric([kind], float(n))
         fams.export("edgefuse_aligner", "aligner", [], [], aligner)
         fams.export("edgefuse_fusion", "fuser", [], [], snap.get("fusion", {}),
@@ -229,6 +255,23 @@ class _SnapshotCollector(Collector):
                         names=names, docs=docs)
             drops.add_metric([node, modality], float(sum(
                 c.get(key, 0) for key in DROP_COUNTERS)))
+
+    @staticmethod
+    def _stream_health(fams: _Families, last_seen: Mapping[str, float],
+                       missing: Mapping[str, Mapping[str, int]]) -> None:
+        age = fams.get("edgefuse_stream_last_seen_age_seconds", "seconds since the stream's "
+                       "last chunk arrived at the daemon", ["node", "modality"], gauge=True)
+        now = time.monotonic()
+        for name, seen in last_seen.items():
+            node, modality = name.rsplit("/", 1)
+            age.add_metric([node, modality], max(0.0, now - seen))
+        windows = fams.get("edgefuse_stream_missing_windows", "decided windows in which the "
+                           "stream's modality was missing, by reason",
+                           ["node", "modality", "reason"], gauge=False)
+        for name, reasons in missing.items():
+            node, modality = name.rsplit("/", 1)
+            for reason, n in reasons.items():
+                windows.add_metric([node, modality, reason], float(n))
 
     @staticmethod
     def _sources(fams: _Families, sources: Mapping[str, dict]) -> None:
@@ -286,6 +329,8 @@ class DaemonMetrics:
         self._snapshot = _SnapshotCollector(reserved)
         r.register(self._snapshot)
         self._missing_counts: dict[str, list[int]] = {}
+        # "node/modality" -> reason -> decided windows missing it (pruned in update())
+        self._stream_missing: dict[str, dict[str, int]] = {}
         self._server = None
         # healthy/ready combine the loop's own verdict with the stall monitor's (two threads)
         self._state_lock = threading.Lock()
@@ -304,7 +349,10 @@ class DaemonMetrics:
                 counts[1] += 1
                 if m in d.missing:
                     counts[0] += 1
-                    self.missing.labels(m, d.missing_reason.get(m, "unknown")).inc()
+                    reason = d.missing_reason.get(m, "unknown")
+                    self.missing.labels(m, reason).inc()
+                    per = self._stream_missing.setdefault(f"{d.node}/{m}", {})
+                    per[reason] = per.get(reason, 0) + 1
         for m, (missing, total) in self._missing_counts.items():
             self.missing_rate.labels(m).set(missing / total if total else 0.0)
 
@@ -329,6 +377,14 @@ class DaemonMetrics:
         self.model_info.labels(ident).set(1)
 
     def update(self, snapshot: dict) -> None:
+        """Take the main loop's snapshot (see the module docstring). ``last_seen``:
+        "node/modality" -> time.monotonic() of its last arrival; both it and the
+        missing-window counts keep only the nodes in ``streams`` (bounded)."""
+        nodes = {name.rsplit("/", 1)[0] for name in snapshot.get("streams", {})}
+        for name in [k for k in self._stream_missing if k.rsplit("/", 1)[0] not in nodes]:
+            del self._stream_missing[name]
+        snapshot = dict(snapshot)
+        snapshot["stream_missing"] = {k: dict(v) for k, v in self._stream_missing.items()}
         self._snapshot.set(snapshot)
 
     def serve(self, host: str, port: int) -> int:

@@ -13,6 +13,7 @@ REASON_STUCK = "stuck"        # long runs of one repeated value
 REASON_CLIPPED = "clipped"    # too many samples at the sensor's full scale
 REASON_LATE = "late"          # data arrived after the window had to be emitted
 REASON_NO_STREAM = "no_stream"  # the node has never sent this modality
+REASON_CLOCK_STEP = "clock_step"  # the stream's clock stepped inside the window
 
 
 @dataclass

@@ -18,9 +18,13 @@ Binary layout, little-endian, 40-byte header then samples:
     36     4     reserved (0)
     40     ...   samples [n][channels] of dtype, row-major
 
-JSON: {"t0_ns": int, "rate_hz": float|null, "seq": int,
+JSON: {"t0_ns": int, "rate_hz": float|0|null, "seq": int,
        "values": [[...], ...] or [...] for one channel,
        "full_scale": float (optional)}
+
+rate_hz 0 means "unknown" in both formats (the aligner estimates the rate from
+t0), like null in JSON: a sender that cannot tell its rate writes 0 in either.
+Encoders write 0 (binary) and null (JSON) for an unknown rate.
 
 Both decoders refuse (WireFormatError) a rate outside [1e-3, 1e7) Hz and a
 t0_ns outside [0, 2**62): the bounds of ``edgefuse.runtime.chunk``. The
@@ -137,6 +141,27 @@ def _require_int(obj: dict, key: str) -> int:
     return value
 
 
+# 2000-01-01 and 2100-01-01 in ns since the epoch: where a real device clock's t0 lies
+T0_PLAUSIBLE_MIN_NS = 946_684_800_000_000_000
+T0_PLAUSIBLE_MAX_NS = 4_102_444_800_000_000_000
+_UNIT_HINTS = ((1_000_000_000, "seconds"), (1_000_000, "milliseconds"), (1_000, "microseconds"))
+
+
+def t0_unit_hint(t0_ns: int) -> str | None:
+    """The unit a sender likely used by mistake for ``t0_ns`` ("seconds",
+    "milliseconds", "microseconds"): the one that, scaled to ns, puts t0 in
+    2000..2100; None when t0 is plausible ns, or no unit explains it.
+
+    t0_unit_hint(1_700_000_000) == "seconds"   # t0_ns = 1.7e9 looks like seconds
+    """
+    if T0_PLAUSIBLE_MIN_NS <= t0_ns < T0_PLAUSIBLE_MAX_NS:
+        return None
+    for factor, name in _UNIT_HINTS:
+        if T0_PLAUSIBLE_MIN_NS <= t0_ns * factor < T0_PLAUSIBLE_MAX_NS:
+            return name
+    return None
+
+
 def _check_t0(t0_ns: int, node: str, modality: str, seq: int) -> None:
     if not t0_ok(t0_ns):
         raise WireFormatError(
@@ -156,6 +181,11 @@ def _finite_number(value: object, low: float, high: float) -> bool:
     return math.isfinite(v) and low < v < high
 
 
+def _is_zero(value: object) -> bool:
+    """0 or 0.0 (not False): the wire's "rate unknown"."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
 def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
     """Build a chunk from an already-parsed JSON object (serial JSON lines use this)."""
     if not isinstance(obj, dict):
@@ -163,9 +193,11 @@ def chunk_from_json_obj(obj: object, node: str, modality: str) -> Chunk:
     t0_ns = _require_int(obj, "t0_ns")
     seq = _require_int(obj, "seq")
     rate = obj.get("rate_hz")
+    if _is_zero(rate):
+        rate = None  # 0 = unknown, as in the binary header
     if rate is not None and not rate_ok(rate):
         raise WireFormatError(f"{node}/{modality} seq {seq}: rate_hz must be a number in "
-                              f"[{RATE_MIN_HZ:g}, {RATE_MAX_HZ:g}) Hz or null (unknown), "
+                              f"[{RATE_MIN_HZ:g}, {RATE_MAX_HZ:g}) Hz, or 0 or null (unknown), "
                               f"found {rate!r}", reason="bad_rate")
     _check_t0(t0_ns, node, modality, seq)
     raw = obj.get("values")

@@ -12,6 +12,7 @@ imports this without numpy, so it stays small.
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import threading
 import time
@@ -38,7 +39,9 @@ BAD_CSV = "bad_csv"                    # CSV line without modality,t_ns,values o
 BAD_FRAME = "bad_frame"                # serial frame header CRC/length/name invalid
 BAD_CRC = "bad_crc"                    # serial frame body CRC mismatch
 BAD_RATE = "bad_rate"                  # rate_hz outside [0.001, 1e7) Hz (or not a number)
-BAD_TIME = "bad_time"                  # t0_ns outside [0, 2**62)
+BAD_TIME = "bad_time"                  # t0_ns outside [0, 2**62), or far from the receipt time
+# A kept chunk whose t0 is far from its receipt time (counted in stats()[CLOCK_OFFSET]).
+CLOCK_OFFSET = "clock_offset"
 
 
 class RejectedPayload(WireFormatError):
@@ -49,10 +52,21 @@ class RejectedPayload(WireFormatError):
         self.reason = reason
 
 
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """" (did you mean 'acoustic'?)" for a near miss (case, a typo), else ""."""
+    known = sorted(known)
+    for k in known:
+        if k.lower() == name.lower():
+            return f" (did you mean {k!r}?)"
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def unknown_modality(modality: str, allowed: Iterable[str]) -> RejectedPayload:
+    allowed = sorted(allowed)
     return RejectedPayload(
         UNKNOWN_MODALITY,
-        f"modality {modality!r} is not one of {sorted(allowed)}; "
+        f"modality {modality!r} is not one of {allowed}{did_you_mean(modality, allowed)}; "
         "fix the sender or add it to allowed_modalities")
 
 
@@ -119,22 +133,39 @@ class Counters:
         return out
 
 
+def _origin(topic: str | None, port: str | None, node: str | None,
+            modality: str | None) -> tuple[str, str]:
+    """(words naming where a message came from, rate-limit key of that origin)."""
+    parts = [f"topic {topic!r}" if topic else f"port {port}" if port else "",
+             f"node {node!r}" if node else "", f"modality {modality!r}" if modality else ""]
+    words = ", ".join(p for p in parts if p) or "an unknown origin"
+    return words, f"{topic or port or ''} {node}/{modality}"
+
+
 def count_rejection(counters: Counters, exc: RejectedPayload, *, topic: str | None = None,
                     node: str | None = None, modality: str | None = None,
                     port: str | None = None) -> None:
     """Count a refused message and warn, naming where it came from.
 
     topic (MQTT) or port (serial), and node/modality where they were parsed;
-    the warning is rate-limited per (topic or port or node/modality, reason).
+    the warning is rate-limited per (topic or port, node/modality, reason).
     """
     if exc.reason == "oversized":
         counters.add("oversized")
     else:
         counters.malformed(exc.reason)
-    parts = [f"topic {topic!r}" if topic else f"port {port}" if port else "",
-             f"node {node!r}" if node else "", f"modality {modality!r}" if modality else ""]
-    origin = ", ".join(p for p in parts if p) or "an unknown origin"
-    where = topic or port or f"{node}/{modality}"
+    origin, where = _origin(topic, port, node, modality)
     counters.rejections.warn(where, exc.reason, "skipped a message from %s: %s: %s; "
                              "counted in stats()[%r]", origin, exc.reason, exc,
                              "oversized" if exc.reason == "oversized" else "malformed")
+
+
+def count_anomaly(counters: Counters, name: str, detail: str, *, topic: str | None = None,
+                  node: str | None = None, modality: str | None = None,
+                  port: str | None = None) -> None:
+    """Count a message that was KEPT but is suspect (stats()[name]) and warn like
+    count_rejection: origin named, rate-limited per (origin, node/modality, name)."""
+    counters.add(name)
+    origin, where = _origin(topic, port, node, modality)
+    counters.rejections.warn(where, name, "message from %s: %s: %s; counted in stats()[%r]",
+                             origin, name, detail, name)

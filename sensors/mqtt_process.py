@@ -35,7 +35,7 @@ from dataclasses import asdict, replace
 from edgefuse.runtime.chunk import Chunk
 from edgefuse.runtime.errors import TransportError
 from edgefuse.runtime.mqtt_client import load_secrets
-from edgefuse.sensors.base import RejectedPayload, count_rejection
+from edgefuse.sensors.base import ClockCheck, RejectedPayload, count_rejection
 from edgefuse.sensors.mqtt_receiver import FRAME, MESSAGE
 from edgefuse.sensors.mqtt_source import MqttSourceBase, MqttSourceSettings
 
@@ -56,8 +56,10 @@ class MqttProcessSource(MqttSourceBase):
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
                  allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None):
-        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels)
+                 channels: Mapping[str, int] | None = None,
+                 clock_check: ClockCheck | None = None):
+        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels,
+                         clock_check=clock_check)
         self._lock = threading.RLock()   # the pipe and the child's state
         self._proc: subprocess.Popen | None = None
         self._buf = bytearray()
@@ -308,7 +310,7 @@ class MqttProcessSource(MqttSourceBase):
             chunk = self.validator.decode(payload, node, modality,
                                           self.settings.max_payload_bytes)
         except RejectedPayload as exc:
-            count_rejection(self._counters, exc, topic=self._topic(node, modality), node=node,
+            count_rejection(self._counters, exc, **self.origin(node, modality), node=node,
                             modality=modality)
             return
         except Exception:  # noqa: BLE001 - one bad message must not stop the stream
@@ -316,12 +318,7 @@ class MqttProcessSource(MqttSourceBase):
             log.exception("unexpected error decoding a message from %s/%s; skipped",
                           node, modality)
             return
-        self._counters.add("decoded")
-        self._offer(chunk, received_ns)
-
-    def _topic(self, node: str, modality: str) -> str | None:
-        """The topic the frame came from, where the pattern determines it."""
-        return None if "+" in self.topics.pattern.split("/") else self.topics.topic(node, modality)
+        self._offer(chunk, received_ns)  # counts it decoded (or refuses its clock)
 
     def _on_status(self, status: dict) -> None:
         self._child_status = status

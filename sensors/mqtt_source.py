@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 from edgefuse.runtime import mqtt_client, wire
 from edgefuse.runtime.errors import ConfigError
-from edgefuse.sensors.base import DEFAULT_QUEUE_MAX, ChunkValidator, Source
+from edgefuse.sensors.base import DEFAULT_QUEUE_MAX, ChunkValidator, ClockCheck, Source
 from edgefuse.sensors.mqtt_subscriber import Subscriber
 from edgefuse.sensors.topics import DEFAULT_PATTERN, TopicPattern
 
@@ -105,9 +105,10 @@ class MqttSourceBase(Source):
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
                  allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None):
+                 channels: Mapping[str, int] | None = None,
+                 clock_check: ClockCheck | None = None):
         self.settings = settings or MqttSourceSettings()
-        super().__init__(self.settings.queue_max)
+        super().__init__(self.settings.queue_max, clock_check)
         self.topics = TopicPattern(self.settings.topic_pattern)
         # Arguments (from the model contract) win over the settings.
         self.validator = ChunkValidator(
@@ -138,14 +139,22 @@ class MqttSourceBase(Source):
         snap["last_error"] = self.last_error
         return snap
 
+    def origin(self, node: str, modality: str) -> dict[str, str]:
+        """The topic a chunk came from, where the pattern determines it (no ``+`` level)."""
+        if "+" in self.topics.pattern.split("/"):
+            return {}
+        return {"topic": self.topics.topic(node, modality)}
+
 
 class MqttSource(MqttSourceBase):
     """Subscribes to the chunk topics in this process (``receiver = "thread"``)."""
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
                  allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None):
-        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels)
+                 channels: Mapping[str, int] | None = None,
+                 clock_check: ClockCheck | None = None):
+        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels,
+                         clock_check=clock_check)
         self._subscriber: Subscriber | None = None
         self._last_error: str | None = None   # of a closed subscriber
 
@@ -201,15 +210,17 @@ class MqttSource(MqttSourceBase):
     def _deliver(self, node: str, modality: str, payload: bytes, received_ns: int) -> None:
         # RejectedPayload propagates to the subscriber, which counts it.
         chunk = self.validator.decode(payload, node, modality, self.settings.max_payload_bytes)
-        self._counters.add("decoded")
-        self._offer(chunk, received_ns)
+        self._offer(chunk, received_ns)  # counts it decoded (or refuses its clock)
 
 
 def make_mqtt_source(settings: MqttSourceSettings, *,
                      allowed_modalities: Iterable[str] | None = None,
-                     channels: Mapping[str, int] | None = None) -> Source:
+                     channels: Mapping[str, int] | None = None,
+                     clock_check: ClockCheck | None = None) -> Source:
     """The MQTT source the settings' ``receiver`` names (same interface, same counters)."""
     if settings.receiver == "thread":
-        return MqttSource(settings, allowed_modalities=allowed_modalities, channels=channels)
+        return MqttSource(settings, allowed_modalities=allowed_modalities, channels=channels,
+                          clock_check=clock_check)
     from edgefuse.sensors.mqtt_process import MqttProcessSource  # imports this module
-    return MqttProcessSource(settings, allowed_modalities=allowed_modalities, channels=channels)
+    return MqttProcessSource(settings, allowed_modalities=allowed_modalities, channels=channels,
+                             clock_check=clock_check)

@@ -101,6 +101,9 @@ def encode_csv_lines(chunk: Chunk) -> bytes:
         for i, row in enumerate(chunk.samples))
 
 
+MAX_NEWS_KEYS = 64  # distinct (reason, node, modality) kept between two take_news()
+
+
 class _Parser:
     """Counting and bounded line splitting shared by the parsers."""
 
@@ -114,23 +117,36 @@ class _Parser:
         self.skipped_bytes = 0
         self._buf = bytearray()
         self._discarding = False  # inside an over-long line: drop up to the next newline
-        # reason -> [count, detail of the latest one] since take_news(); bounded by the
-        # fixed set of reasons, so a caller that never asks costs nothing
+        # (reason, node, modality) -> [count, detail of the latest one] since take_news();
+        # bounded by MAX_NEWS_KEYS, so a caller that never asks costs nothing
         self._news: dict[str, list] = {}
 
-    def _error(self, reason: str, detail: str) -> None:
+    def _error(self, reason: str, detail: str, node: str | None = None,
+               modality: str | None = None) -> None:
+        """Count one refused line/frame; node/modality where the data named them."""
         self.errors[reason] = self.errors.get(reason, 0) + 1
-        entry = self._news.get(reason)
+        key = (reason, node, modality)
+        if key not in self._news and len(self._news) >= MAX_NEWS_KEYS:
+            key = (reason, None, None)  # bounded: names sent by the peer are not trusted
+        entry = self._news.get(key)
         if entry is None:
-            self._news[reason] = [1, detail]
+            self._news[key] = [1, detail]
         else:
             entry[0] += 1
             entry[1] = detail
 
+    def take_stream_news(self) -> dict[tuple[str, str | None, str | None], tuple[int, str]]:
+        """Errors since the last call: (reason, node, modality) -> (count, what the
+        latest one was); node/modality None where the data did not name them."""
+        news, self._news = self._news, {}
+        return {key: (n, detail) for key, (n, detail) in news.items()}
+
     def take_news(self) -> dict[str, tuple[int, str]]:
         """Errors since the last call: reason -> (count, what the latest one was)."""
-        news, self._news = self._news, {}
-        return {reason: (n, detail) for reason, (n, detail) in news.items()}
+        out: dict[str, tuple[int, str]] = {}
+        for (reason, _, _), (n, detail) in self.take_stream_news().items():
+            out[reason] = (out.get(reason, (0, ""))[0] + n, detail)
+        return out
 
     def poll(self, now: float) -> list[Chunk]:
         """Time-driven work (``now``: time.monotonic()); the line protocols have none."""
@@ -193,18 +209,21 @@ class JsonLineParser(_Parser):
                 self._error(BAD_JSON, f"a line that is not JSON ({type(exc).__name__}: "
                             f"{str(exc)[:120]}), starting {line[:40]!r}")
                 continue
+            node = modality = None
             try:
                 node, modality = obj["node"], obj["modality"]
                 if not (isinstance(node, str) and isinstance(modality, str) and node and modality):
+                    node = modality = None
                     raise WireFormatError("'node' and 'modality' must be non-empty strings")
                 self.validator.check_modality(modality)
                 out.append(self.validator.check_chunk(wire.chunk_from_json_obj(obj, node, modality)))
             except RejectedPayload as exc:
-                self._error(exc.reason, str(exc))
+                self._error(exc.reason, str(exc), node, modality)
             except (WireFormatError, KeyError, TypeError, ValueError, OverflowError) as exc:
-                self._error(BAD_FIELDS, "a JSON line without a valid chunk "
+                reason = getattr(exc, "reason", None) or BAD_FIELDS
+                self._error(reason, "a JSON line without a valid chunk "
                             f"({type(exc).__name__}: {str(exc)[:160]}); expected 'node', "
-                            "'modality' and the chunk fields of runtime.wire")
+                            "'modality' and the chunk fields of runtime.wire", node, modality)
         return out
 
 
@@ -259,9 +278,10 @@ class CsvLineParser(_Parser):
                           np.asarray(rows, dtype=np.float32), seq)
             return [self.validator.check_chunk(chunk)]
         except RejectedPayload as exc:
-            self._error(exc.reason, str(exc))
+            self._error(exc.reason, str(exc), self.node, modality)
         except InputError as exc:
-            self._error(BAD_CSV, f"samples that make no chunk: {str(exc)[:160]}")
+            self._error(BAD_CSV, f"samples that make no chunk: {str(exc)[:160]}", self.node,
+                        modality)
         return []
 
     def _sample(self, line: bytes) -> tuple[str, int, list[float]] | None:
@@ -291,7 +311,7 @@ class CsvLineParser(_Parser):
             try:
                 self.validator.check_modality(modality)
             except RejectedPayload as exc:
-                self._error(exc.reason, str(exc))
+                self._error(exc.reason, str(exc), self.node, modality)
                 continue
             if self._rows:
                 last = self._times[-1]
@@ -445,7 +465,7 @@ class BinaryFrameParser(_Parser):
             # the frame bound is the payload bound: the frame was already accepted by length
             return self.validator.decode(body[n + m:], node, modality, self.max_bytes)
         except RejectedPayload as exc:
-            self._error(exc.reason, str(exc))
+            self._error(exc.reason, str(exc), node, modality)
             return None
 
 

@@ -35,7 +35,7 @@ import serial
 from edgefuse.runtime.errors import ConfigError
 from edgefuse.runtime.ratelimit import WarnLimiter
 from edgefuse.sensors import serial_framing
-from edgefuse.sensors.base import DEFAULT_QUEUE_MAX, ChunkValidator, Source
+from edgefuse.sensors.base import DEFAULT_QUEUE_MAX, ChunkValidator, ClockCheck, Source
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +95,12 @@ class SerialSource(Source):
     def __init__(self, settings: SerialSettings, *,
                  allowed_modalities: Iterable[str] | None = None,
                  channels: Mapping[str, int] | None = None,
-                 warn_limiter: WarnLimiter | None = None):
-        """warn_limiter: rate-limits this source's warnings (tests inject a clock)."""
+                 warn_limiter: WarnLimiter | None = None,
+                 clock_check: ClockCheck | None = None):
+        """warn_limiter: rate-limits this source's warnings (tests inject a clock);
+        clock_check: compare t0 with the receipt time (sensors.base.ClockCheck)."""
         self.settings = settings
-        super().__init__(settings.queue_max)
+        super().__init__(settings.queue_max, clock_check)
         self._warner = warn_limiter or WarnLimiter(log)
         validator = ChunkValidator(
             allowed_modalities if allowed_modalities is not None else settings.allowed_modalities,
@@ -247,7 +249,7 @@ class SerialSource(Source):
         try:
             with self._parser_lock:
                 chunks = produce()
-                news = self.parser.take_news()
+                news = self.parser.take_stream_news()
         except Exception:  # noqa: BLE001 - the parsers are fuzzed not to raise; never die anyway
             self._counters.malformed("internal_error")
             log.exception("serial parser failed on data from %s; data skipped",
@@ -255,15 +257,21 @@ class SerialSource(Source):
             return
         self._warn(news)
         for chunk in chunks:
-            self._counters.add("decoded")
-            self._offer(chunk)
+            self._offer(chunk)  # counts it decoded (or refuses its clock)
 
-    def _warn(self, news: Mapping[str, tuple[int, str]]) -> None:
-        """One rate-limited warning per (port, reason); every occurrence is counted by
-        the limiter (bounded: a read of READ_MAX bytes holds at most that many errors)."""
+    def origin(self, node: str, modality: str) -> dict[str, str]:
+        return {"port": self.settings.device}
+
+    def _warn(self, news: Mapping[tuple, tuple[int, str]]) -> None:
+        """One rate-limited warning per (port, node, modality, reason); every occurrence
+        is counted by the limiter (bounded: a read of READ_MAX bytes holds at most that
+        many errors). Node and modality are named where the line or frame named them."""
         device, protocol = self.settings.device, self.settings.protocol
-        for reason, (n, detail) in news.items():
+        for (reason, node, modality), (n, detail) in news.items():
+            sender = (f" from node {node!r}, modality {modality!r}" if node and modality
+                      else "")
             for _ in range(n):
-                self._warner.warn((device, reason),
-                                  "serial %s (%s): skipped (%s): found %s; counted by reason "
-                                  "in the source's stats", device, protocol, reason, detail)
+                self._warner.warn((device, node, modality, reason),
+                                  "serial %s (%s): skipped (%s)%s: found %s; counted by reason "
+                                  "in the source's stats", device, protocol, reason, sender,
+                                  detail)

@@ -48,8 +48,10 @@ def reference_windows(chunks, rate, window_ns, hop_ns, n):
                           np.where(on_right, np.isfinite(v[i + 1]), both))
         vals = np.interp(grid, t, np.where(np.isfinite(v), v, 0.0))
         valid = inside & span_ok & finite
-        # On a sample next to a NaN, whether the NaN is read depends on rounding.
-        ambiguous = (on_left | on_right) & ~both
+        # On a sample next to a NaN, whether the NaN is read depends on rounding; so
+        # does, on the last sample before a gap (or the first after it), whether the
+        # point is on the sample (valid) or just past it (a gap).
+        ambiguous = (on_left | on_right) & (~both | ~span_ok)
         out[k + T0 // hop_ns] = (np.where(valid, vals, 0.0), valid & ~ambiguous, ambiguous)
     return out
 

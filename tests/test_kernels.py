@@ -142,3 +142,21 @@ def test_butterworth_design_refuses_bad_cutoff():
     from edgefuse.runtime.filters import butter4_lowpass_sos
     with pytest.raises(ValueError, match="cutoff"):
         butter4_lowpass_sos(600.0, 1000.0)
+
+
+@pytest.mark.parametrize("cutoff,rate", [(360.0, 1600.0), (2220.3, 9868.0), (45.0, 200.0),
+                                         (360.0, 888.0), (90.0, 4000.0)])
+def test_lowpass_delay_is_the_low_frequency_group_delay(cutoff, rate):
+    """filters.lowpass_delay_samples (the placement shift when decimating) against
+    scipy's group delay near 0 Hz and the centroid of the impulse response."""
+    from scipy.signal import group_delay, sosfilt
+    from edgefuse.runtime.filters import butter4_lowpass_sos, lowpass_delay_samples
+    sos = butter4_lowpass_sos(cutoff, rate)
+    delay = lowpass_delay_samples(sos)
+    b, a = np.array([1.0]), np.array([1.0])
+    for row in sos:
+        b, a = np.convolve(b, row[:3]), np.convolve(a, row[3:])
+    _, gd = group_delay((b, a), w=[1e-4])
+    assert delay == pytest.approx(gd[0], rel=1e-4)
+    h = sosfilt(sos, np.r_[1.0, np.zeros(20000)])
+    assert delay == pytest.approx((np.arange(h.size) * h).sum() / h.sum(), rel=1e-6)

@@ -142,7 +142,8 @@ def test_identification_is_refused_with_a_reason(smoke_model):
 
 @pytest.mark.parametrize("mode", ["int8", "int8-static", "fp16"])
 def test_quantized_variants_load_and_run(smoke_model, mode, tmp_path):
-    from edgefuse.exporters.quantize import calibration_windows, max_output_diff, quantize_model
+    from edgefuse.exporters.quantize import max_output_diff, quantize_model
+    from edgefuse.models.evaluate import calibration_windows
     from edgefuse.runtime.inference import OnnxModel
     calibration = None
     if mode == "int8-static":

@@ -205,15 +205,37 @@ def _json(rate: str, t0: int) -> bytes:
 
 
 # Issue 8: one JSON message with rate 5e-324 crashed the daemon, 1e-300 hung it.
-@pytest.mark.parametrize("rate", ["5e-324", "1e-300", "1e-5", "0.0009", "-1", "0",
+@pytest.mark.parametrize("rate", ["5e-324", "1e-300", "1e-5", "0.0009", "-1",
                                   "10000000", "1e308", "NaN", "Infinity", "-Infinity"])
 def test_absurd_rates_are_refused_by_both_decoders(rate):
     with pytest.raises(WireFormatError, match=r"rate_hz .*\[0.001, 1e\+07\) Hz.*found"):
         wire.decode_payload(_json(rate, T_OK), "evil5", "seismic")
-    if float(rate) != 0.0:  # 0 is "unknown" in the binary header
-        with pytest.raises(WireFormatError, match="evil5/seismic seq 1: rate_hz"):
-            wire.decode_payload(_binary(float(rate), T_OK), "evil5", "seismic")
-    assert wire.decode_payload(_binary(0.0, T_OK), "evil5", "seismic").rate_hz is None
+    with pytest.raises(WireFormatError, match="evil5/seismic seq 1: rate_hz"):
+        wire.decode_payload(_binary(float(rate), T_OK), "evil5", "seismic")
+
+
+# Issue 11: one meaning of rate 0 in every wire format: "unknown" (the aligner estimates
+# it), as null in JSON. Before, binary 0 meant unknown and JSON refused 0.
+@pytest.mark.parametrize("payload", [_binary(0.0, T_OK), _binary(-0.0, T_OK), _json("0", T_OK),
+                                     _json("0.0", T_OK), _json("-0", T_OK),
+                                     _json("null", T_OK)],
+                         ids=["binary-0", "binary-minus-0", "json-0", "json-0.0", "json-minus-0",
+                              "json-null"])
+def test_rate_0_means_unknown_in_every_wire_format(payload):
+    chunk = wire.decode_payload(payload, "n1", "seismic")
+    assert chunk.rate_hz is None
+    assert chunk.t0_ns == T_OK and chunk.samples[:, 0].tolist() == [1.0, 2.0, 3.0]
+
+
+def test_json_rate_false_is_not_zero():
+    with pytest.raises(WireFormatError, match="rate_hz"):
+        wire.decode_payload(_json("false", T_OK), "n1", "seismic")
+
+
+def test_an_unknown_rate_round_trips_through_both_formats():
+    c = Chunk("n1", "seismic", T_OK, None, np.ones((4, 1), np.float32), 3)
+    assert wire.decode_binary(wire.encode_binary(c), "n1", "seismic").rate_hz is None
+    assert wire.decode_json(wire.encode_json(c), "n1", "seismic").rate_hz is None
 
 
 @pytest.mark.parametrize("t0", [-1, -(1 << 63), 1 << 62, (1 << 63) - 1])
