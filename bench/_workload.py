@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.core.chunk import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def _tile(pieces: list[np.ndarray], n: int, channels: int) -> np.ndarray:
 
 
 def _wav_pieces(paths: list[str], need: int) -> tuple[list[np.ndarray], list[str]]:
-    from edgefuse.sensors.wavfile import read_wav
+    from edgefuse.sensors.readers.wavfile import read_wav
     pieces, used, have = [], [], 0
     for p in paths:
         if have >= need:
@@ -105,7 +105,7 @@ def _wav_pieces(paths: list[str], need: int) -> tuple[list[np.ndarray], list[str
 
 
 def _imu_pieces(root: Path, need: int) -> tuple[list[np.ndarray], int]:
-    from edgefuse.sensors.sphar import read_csv
+    from edgefuse.sensors.readers.sphar import read_csv
     pieces, have, files = [], 0, 0
     for p in sorted(glob.glob(str(root / "s*" / "s*_sp.csv"))):
         if have >= need:

@@ -69,7 +69,7 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 def publisher_main(args) -> None:
     import paho.mqtt.client as mqtt
 
-    from edgefuse.runtime import wire
+    from edgefuse.runtime.core import wire
     first, last = map(int, args.publisher.split(":"))
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}",
                          protocol=mqtt.MQTTv5)

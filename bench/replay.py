@@ -53,9 +53,9 @@ import numpy as np  # noqa: E402
 from bench._workload import (DEFAULT_DATA, T0_NS, Clock, Timed, TimedSession,  # noqa: E402
                              Workload, environment, loadavg, make_workload, pin_to_core,
                              resolve_model, torch_twin)
-from edgefuse.runtime.aligner import Aligner, AlignerConfig  # noqa: E402
-from edgefuse.runtime.inference import OnnxModel, session_options  # noqa: E402
-from edgefuse.runtime.pipeline import Pipeline, PipelineConfig  # noqa: E402
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig  # noqa: E402
+from edgefuse.runtime.core.inference import OnnxModel, session_options  # noqa: E402
+from edgefuse.runtime.core.pipeline import Pipeline, PipelineConfig  # noqa: E402
 
 TARGETS = {"end_to_end_x_realtime": 2000.0, "vs_baseline_a": 3.0, "vs_baseline_b": 5.0,
            "align_x_realtime": 10000.0}
@@ -78,7 +78,7 @@ def run_align_kernels(model: OnnxModel, chunks) -> dict[str, float]:
     """One more alignment pass with every Numba kernel wrapped in a timer (the
     stream and aligner look kernels up on the module at each call). A separate
     run: the wrappers add ~0.3 us per call, so it is not the timed one."""
-    from edgefuse.runtime import kernels
+    from edgefuse.runtime.core import kernels
     spent = dict.fromkeys(KERNELS, 0.0)
     originals = {name: getattr(kernels, name) for name in KERNELS}
 

@@ -11,7 +11,7 @@ as a subprocess, wall seconds from spawn to exit:
 - warm: the same command again with the same folder (kernels load from it).
 
 Each repetition uses a new folder (cold, then warm); the medians are
-reported. Also timed: ``python -c "import edgefuse.runtime.pipeline"`` (the
+reported. Also timed: ``python -c "import edgefuse.runtime.core.pipeline"`` (the
 runtime's import cost), the imports of a replay (pipeline + input readers),
 and ``python -c pass`` (the interpreter alone). Python's bytecode caches and
 the OS file cache are warm in every run. A benchmark, not a test.
@@ -40,7 +40,7 @@ _REPLAYED = re.compile(r"replayed ([\d.]+) s of data in ([\d.]+) s")
 
 
 def build_log(path: Path, seconds: float, data: Path) -> dict:
-    from edgefuse.sensors.mcaplog import McapRecorder
+    from edgefuse.sensors.readers.mcaplog import McapRecorder
     workload = make_workload(seconds, data)
     with McapRecorder(path) as rec:
         for chunk in workload.chunks(1.0):
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         py = [sys.executable, "-c"]
         imports = {
             "python -c pass": py + ["pass"],
-            "import edgefuse.runtime.pipeline": py + ["import edgefuse.runtime.pipeline"],
+            "import edgefuse.runtime.core.pipeline": py + ["import edgefuse.runtime.core.pipeline"],
             "imports of a replay (pipeline, replay, inputs)":
-                py + ["import edgefuse.runtime.pipeline, edgefuse.runtime.replay, "
-                      "edgefuse.sensors.inputs"],
+                py + ["import edgefuse.runtime.core.pipeline, edgefuse.runtime.service.replay, "
+                      "edgefuse.sensors.readers.inputs"],
         }
         import_s = {k: statistics.median(timed_run(c)[0] for _ in range(args.repeat))
                     for k, c in imports.items()}

@@ -24,10 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from edgefuse.runtime.aligner import Aligner
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.contract import ModelContract
-from edgefuse.sensors.goodvibes import iter_raw_wav, raw_wav_info
+from edgefuse.runtime.core.aligner import Aligner
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.contract import ModelContract
+from edgefuse.sensors.readers.goodvibes import iter_raw_wav, raw_wav_info
 
 RAW = Path(__file__).resolve().parents[1] / "tests" / "data" / "goodvibes" / "raw"
 PAIR = (RAW / "Node81-Ch1-23-2023_04_11_18_20_00-9866Hz.wav",

@@ -20,9 +20,9 @@ from decimal import Decimal
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from edgefuse.sensors.goodvibes import load_pass  # noqa: E402
-from edgefuse.sensors.inputs import record  # noqa: E402
-from edgefuse.sensors.wavfile import read_wav  # noqa: E402
+from edgefuse.sensors.readers.goodvibes import load_pass  # noqa: E402
+from edgefuse.sensors.readers.inputs import record  # noqa: E402
+from edgefuse.sensors.readers.wavfile import read_wav  # noqa: E402
 
 CLOSE = ["passes/close/2D.16.123", "passes/close/2H.22.129", "passes/close/3A.9.121"]
 FULL_MISSING_ACOUSTIC = "passes/full/3A.9.81"

@@ -24,8 +24,8 @@ import numpy as np
 
 from edgefuse.models.dataset import load_or_build
 from edgefuse.models.evaluate import _windows
-from edgefuse.runtime.fusion import Fuser
-from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.core.fusion import Fuser
+from edgefuse.runtime.core.inference import OnnxModel
 
 REPO = Path(__file__).resolve().parents[1]
 

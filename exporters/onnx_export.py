@@ -30,8 +30,8 @@ import numpy as np
 import onnx
 import torch
 
-from edgefuse.runtime.contract import METADATA_KEY, FallbackSpec, ModelContract
-from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.core.contract import METADATA_KEY, FallbackSpec, ModelContract
+from edgefuse.runtime.core.inference import OnnxModel
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,7 @@ def parity(module: torch.nn.Module, path: str | os.PathLike, n: int = 16, seed: 
     random masks (or over ``inputs`` given in forward() order)."""
     import onnxruntime as ort
 
-    from edgefuse.runtime.inference import session_options
+    from edgefuse.runtime.core.inference import session_options
 
     session = ort.InferenceSession(str(path), session_options(1),
                                    providers=["CPUExecutionProvider"])

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from edgefuse.runtime.contract import METADATA_KEY, FallbackSpec, ModelContract
-from edgefuse.runtime.errors import ConfigError, ModelContractError
-from edgefuse.runtime import info
-from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.core.contract import METADATA_KEY, FallbackSpec, ModelContract
+from edgefuse.runtime.core.errors import ConfigError, ModelContractError
+from edgefuse.runtime.core import info
+from edgefuse.runtime.core.inference import OnnxModel
 
 log = logging.getLogger(__name__)
 

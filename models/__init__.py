@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgefuse.runtime.errors import InputError
+from edgefuse.runtime.core.errors import InputError
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 STANDIN_AV = "standin_av.onnx"

@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from edgefuse.runtime.errors import ConfigError, EdgefuseError, InputError
+from edgefuse.runtime.core.errors import ConfigError, EdgefuseError, InputError
 
 TASK_CHOICES = ("detection", "identification", "activity")
 

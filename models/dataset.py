@@ -1,7 +1,7 @@
 """Window datasets cut by the runtime's own aligner (numpy only, no torch).
 
 Every labelled segment (models/segments.py) is replayed as chunks through
-``edgefuse.runtime.aligner.Aligner`` - the path serving uses - so training
+``edgefuse.runtime.core.aligner.Aligner`` - the path serving uses - so training
 windows have exactly the grid, resampling, anti-aliasing and missing-modality
 decisions (gap, flatline, stuck, clipped) of the field. Each window then gets
 its detection label from the GPS distance (models/labels.py).
@@ -24,10 +24,10 @@ import numpy as np
 from edgefuse.models.labels import (DETECTION_LABELS, IGNORE, LabelRule, detection_labels,
                                     window_distance)
 from edgefuse.models.segments import FULL_SCALE_INT16, Segment, load_segments
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.contract import ModalitySpec, ModelContract
-from edgefuse.runtime.errors import InputError
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
+from edgefuse.runtime.core.errors import InputError
 
 log = logging.getLogger(__name__)
 

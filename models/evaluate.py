@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 
 from edgefuse.models.dataset import WindowSet
-from edgefuse.runtime.fusion import Fuser
-from edgefuse.runtime.inference import OnnxModel
-from edgefuse.runtime.window import Window
+from edgefuse.runtime.core.fusion import Fuser
+from edgefuse.runtime.core.inference import OnnxModel
+from edgefuse.runtime.core.window import Window
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -187,7 +187,7 @@ def infer_task(model: OnnxModel) -> str:
 
 def model_windows(model: OnnxModel, data_dir: str) -> tuple[WindowSet, str]:
     """Labelled windows of data_dir cut on the model's own grid; (windows, split column)."""
-    from edgefuse.runtime.errors import ModalityMismatchError
+    from edgefuse.runtime.core.errors import ModalityMismatchError
     c = model.contract
     names = c.modality_names
     if set(names) <= _GOODVIBES:
@@ -227,7 +227,7 @@ def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
     windows it never saw); "all": every labelled window (includes training windows).
     ``keys`` (day-sites or subjects) overrides both: e.g. to score a model without
     metadata (the stand-in) on another model's held-out day-site."""
-    from edgefuse.runtime.errors import ConfigError, InputError
+    from edgefuse.runtime.core.errors import ConfigError, InputError
     model = OnnxModel.load(model_path)
     task = task or infer_task(model)
     if task not in TASKS:
@@ -271,7 +271,7 @@ def calibration_windows(model_path: str | os.PathLike, data_dir: str, n: int = 2
     """n random windows with every modality present from the model's training side of
     data_dir (its held-out keys excluded), for int8-static."""
     from edgefuse.models.splits import day_site_keys
-    from edgefuse.runtime.errors import ConfigError
+    from edgefuse.runtime.core.errors import ConfigError
     model = OnnxModel.load(model_path)
     ws, column = model_windows(model, data_dir)
     test = set(eval_metadata(model).get("test") or ())

@@ -23,9 +23,9 @@ from edgefuse.exporters.onnx_export import (example_inputs, export, export_with_
                                             fallback_file, parity, subset_contract)
 from edgefuse.models.nets import SubsetNet, count_params, estimate_flops
 from edgefuse.models.train import load_checkpoint
-from edgefuse.runtime.contract import ModalitySpec, ModelContract
-from edgefuse.runtime.errors import EdgefuseError
-from edgefuse.runtime.inference import OnnxModel
+from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
+from edgefuse.runtime.core.errors import EdgefuseError
+from edgefuse.runtime.core.inference import OnnxModel
 
 log = logging.getLogger(__name__)
 

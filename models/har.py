@@ -3,7 +3,7 @@
 Each execution (one subject walking through a fixed sequence of activities
 with a phone and a watch) is one node with two 6-channel streams,
 ``imu_phone`` and ``imu_watch``. The CSVs are read by the runtime's own
-reader (``edgefuse.sensors.sphar.iter_csv``: chunks with ``rate_hz=None``,
+reader (``edgefuse.sensors.readers.sphar.iter_csv``: chunks with ``rate_hz=None``,
 because the timestamps are irregular) and cut by the runtime's ``Aligner``
 (rate estimated from the chunk times, anti-aliased, resampled onto the
 model grid): training windows are what serving sees.
@@ -35,10 +35,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from edgefuse.models.dataset import WindowSet, cache_dir
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.contract import ModalitySpec, ModelContract
-from edgefuse.runtime.errors import InputError
-from edgefuse.sensors import sphar
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
+from edgefuse.runtime.core.errors import InputError
+from edgefuse.sensors.readers import sphar
 
 log = logging.getLogger(__name__)
 

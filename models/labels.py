@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edgefuse.runtime.errors import ConfigError, InputError
+from edgefuse.runtime.core.errors import ConfigError, InputError
 
 BACKGROUND = 0
 VEHICLE = 1

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgefuse.models.labels import DistanceTrack, load_gps_track, utc_iso_ns
-from edgefuse.runtime.errors import InputError
-from edgefuse.sensors.wavfile import read_wav
+from edgefuse.runtime.core.errors import InputError
+from edgefuse.sensors.readers.wavfile import read_wav
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgefuse.models.dataset import WindowSet
-from edgefuse.runtime.errors import ConfigError
+from edgefuse.runtime.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

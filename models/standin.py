@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from edgefuse.models.frontends import LogFilterbank, log_bands, log_mel
-from edgefuse.runtime.contract import ModalitySpec, ModelContract
+from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
 
 WINDOW_NS = 1_000_000_000
 HOP_NS = 500_000_000

@@ -27,7 +27,7 @@ from edgefuse.models.labels import DETECTION_LABELS, LabelRule
 from edgefuse.models.nets import FusionNet, NetConfig, default_frontends
 from edgefuse.models.segments import default_data_dir
 from edgefuse.models.splits import Split, split_by_column, split_by_day_site
-from edgefuse.runtime.errors import ConfigError, InputError
+from edgefuse.runtime.core.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 

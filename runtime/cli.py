@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 
 from edgefuse.runtime import __version__
-from edgefuse.runtime.errors import EdgefuseError
-from edgefuse.runtime.faults import FaultSpecError
-from edgefuse.runtime.info import DEFAULT_MODEL, bundled_model_path
+from edgefuse.runtime.core.errors import EdgefuseError
+from edgefuse.runtime.core.faults import FaultSpecError
+from edgefuse.runtime.core.info import DEFAULT_MODEL, bundled_model_path
 
 log = logging.getLogger("edgefuse")
 
@@ -48,7 +48,7 @@ INJECT_HELP = """fault injection (replay --inject SPEC, repeatable; seeded by --
   reorder:imu=5%            5 % arrive after 1..4 later chunks of the stream
                             (reorder:imu=5%,horizon=8 for up to 8)
   Chunks keep their order in the log (arrival order): a stepped stream's chunks are
-  not re-sorted by their new t0, as they would not be live. See runtime/faults.py."""
+  not re-sorted by their new t0, as they would not be live. See runtime/core/faults.py."""
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
@@ -61,7 +61,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _load_model(args):
-    from edgefuse.runtime.inference import OnnxModel
+    from edgefuse.runtime.core.inference import OnnxModel
     path = Path(args.model) if args.model else bundled_model_path()
     if not path.exists():
         raise EdgefuseError(f"model {path} does not exist; pass --model PATH to an .onnx file")
@@ -84,11 +84,11 @@ def _open_out(path: str):
 
 
 def cmd_replay(args) -> int:
-    from edgefuse.runtime.aligner import AlignerConfig
-    from edgefuse.runtime.pipeline import PipelineConfig
-    from edgefuse.runtime.replay import replay
-    from edgefuse.sensors.inputs import open_inputs
-    from edgefuse.runtime.faults import parse_fault
+    from edgefuse.runtime.core.aligner import AlignerConfig
+    from edgefuse.runtime.core.pipeline import PipelineConfig
+    from edgefuse.runtime.service.replay import replay
+    from edgefuse.sensors.readers.inputs import open_inputs
+    from edgefuse.runtime.core.faults import parse_fault
     if args.speed is not None and not args.speed > 0:
         raise EdgefuseError(f"--speed must be > 0, found {args.speed}")
     faults = [parse_fault(spec) for spec in args.inject]  # FaultSpecError: exit 2
@@ -113,14 +113,14 @@ def cmd_replay(args) -> int:
 
 
 def cmd_record(args) -> int:
-    from edgefuse.sensors.inputs import record
+    from edgefuse.sensors.readers.inputs import record
     counts = record(args.inputs, args.output, chunk_s=args.chunk_s)
     log.info("wrote %s: %s", args.output, counts)
     return 0
 
 
 def cmd_info(args) -> int:
-    from edgefuse.runtime.info import describe, describe_json
+    from edgefuse.runtime.core.info import describe, describe_json
     model = _load_model(args)
     print(describe_json(model) if args.json else describe(model))
     return 0
@@ -134,8 +134,8 @@ def _host_port(text: str, what: str) -> tuple[str, int]:
 
 
 def cmd_run(args) -> int:
-    from edgefuse.runtime.config import load_config
-    from edgefuse.runtime.daemon import run_daemon
+    from edgefuse.runtime.service.config import load_config
+    from edgefuse.runtime.service.daemon import run_daemon
     over: dict = {}
 
     def put(path: str, value) -> None:
@@ -179,13 +179,13 @@ def cmd_run(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from edgefuse.runtime.simulate import MqttPublisher, SerialPublisher, simulate
-    from edgefuse.sensors.inputs import open_inputs
+    from edgefuse.runtime.service.simulate import MqttPublisher, SerialPublisher, simulate
+    from edgefuse.sensors.readers.inputs import open_inputs
     if (args.mqtt is None) == (args.serial is None):
         raise EdgefuseError("give exactly one of --mqtt HOST:PORT or --serial PATH")
     inputs = open_inputs(args.inputs, chunk_s=args.chunk_s)
     if args.mqtt is not None:
-        from edgefuse.runtime.mqtt_client import MqttSettings
+        from edgefuse.sensors.live.mqtt_client import MqttSettings
         host, port = _host_port(args.mqtt, "--mqtt")
         publisher = MqttPublisher(MqttSettings(host=host, port=port), qos=args.qos,
                                   topic_pattern=args.topic_pattern)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.contract import ModelContract
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.contract import ModelContract
 
 T0 = 1_681_140_928_000_000_000  # a real goodvibes day, in ns
 

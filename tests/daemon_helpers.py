@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.core.chunk import Chunk
 from tests.conftest import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +155,7 @@ def synthetic_chunks(node: str, seconds: float, chunk_s: float = 0.5, seed: int 
 
 
 def write_log(path: Path, chunks: list[Chunk]) -> Path:
-    from edgefuse.sensors.mcaplog import McapRecorder
+    from edgefuse.sensors.readers.mcaplog import McapRecorder
     with McapRecorder(path) as rec:
         for c in chunks:
             rec.write(c)
@@ -164,9 +164,9 @@ def write_log(path: Path, chunks: list[Chunk]) -> Path:
 
 def replay_text(log: Path, config=None) -> str:
     """What `edgefuse replay LOG` writes, computed in this process."""
-    from edgefuse.runtime.inference import OnnxModel
-    from edgefuse.runtime.replay import replay
-    from edgefuse.sensors.inputs import open_inputs
+    from edgefuse.runtime.core.inference import OnnxModel
+    from edgefuse.runtime.service.replay import replay
+    from edgefuse.sensors.readers.inputs import open_inputs
     out = io.StringIO()
     replay(open_inputs([log]), OnnxModel.load(MODEL), out, config=config)
     return out.getvalue()

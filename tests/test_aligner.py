@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.errors import ConfigError
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.errors import ConfigError
 from tests.aligner_helpers import T0, by_time, contract, run, stream_chunks
 
 NO_AA = AlignerConfig(antialias=False)

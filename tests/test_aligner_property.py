@@ -9,9 +9,9 @@ import time
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.errors import InputError
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.errors import InputError
 from tests.aligner_helpers import T0, by_time, contract, stream_chunks
 
 FS = 200.0      # model rate of the one modality under test

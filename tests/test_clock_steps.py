@@ -17,12 +17,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.faults import inject, parse_fault
-from edgefuse.runtime.fusion import Fuser
-from edgefuse.runtime.inference import OnnxModel
-from edgefuse.runtime.info import bundled_model_path
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.faults import inject, parse_fault
+from edgefuse.runtime.core.fusion import Fuser
+from edgefuse.runtime.core.inference import OnnxModel
+from edgefuse.runtime.core.info import bundled_model_path
 from tests.aligner_helpers import T0, stream_chunks
 from tests.aligner_helpers import contract as one_contract
 
@@ -298,8 +298,8 @@ def test_live_daemon_equals_replay_across_a_step(tmp_path, broker, step):
     import json
     import time
 
-    from edgefuse.runtime.mqtt_client import MqttSettings
-    from edgefuse.runtime.simulate import MqttPublisher
+    from edgefuse.sensors.live.mqtt_client import MqttSettings
+    from edgefuse.runtime.service.simulate import MqttPublisher
     from tests.daemon_helpers import (MODEL, DaemonProcess, replay_text, synthetic_chunks,
                                       write_log)
     from tests.daemon_helpers import T0 as D_T0

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from edgefuse.runtime.config import Config, from_dict, load_config
-from edgefuse.runtime.errors import ConfigError
+from edgefuse.runtime.service.config import Config, from_dict, load_config
+from edgefuse.runtime.core.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "deploy" / "edgefuse.toml"

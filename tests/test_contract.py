@@ -9,8 +9,8 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from edgefuse.runtime.contract import ModelContract
-from edgefuse.runtime.errors import ModelContractError
+from edgefuse.runtime.core.contract import ModelContract
+from edgefuse.runtime.core.errors import ModelContractError
 
 
 def valid_doc() -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from edgefuse.runtime.cli import main
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.simulate import MqttPublisher, SerialPublisher, payload_of, simulate
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.simulate import MqttPublisher, SerialPublisher, payload_of, simulate
 from tests.conftest import Collector, Mosquitto, free_port, wait_until
 from tests.daemon_helpers import (MODEL, DaemonProcess, by_node, replay_text, synthetic_chunks,
                                   write_log)

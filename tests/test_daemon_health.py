@@ -20,10 +20,10 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.health import StallMonitor
-from edgefuse.runtime.metrics import DaemonMetrics
-from edgefuse.runtime.simulate import SerialPublisher, simulate
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.service.health import StallMonitor
+from edgefuse.runtime.service.metrics import DaemonMetrics
+from edgefuse.runtime.service.simulate import SerialPublisher, simulate
 from tests.conftest import wait_until
 from tests.daemon_helpers import MODEL, T0, DaemonProcess, replay_text, synthetic_chunks, write_log
 
@@ -54,7 +54,7 @@ def test_stall_monitor_names_where_a_blocked_thread_is_and_clears_when_it_moves(
     worker.start()
     monitor.start()
     try:
-        with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.health"):
+        with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.service.health"):
             time.sleep(1.0)
             assert changes == [] and not monitor.stalled  # a moving loop is never flagged
             block.set()
@@ -82,7 +82,7 @@ def test_stall_monitor_repeats_its_error_while_stuck_not_every_check(caplog):
     now = [100.0]
     changes: list[bool] = []
     monitor = StallMonitor(5.0, changes.append, clock=lambda: now[0])
-    with caplog.at_level(logging.ERROR, logger="edgefuse.runtime.health"):
+    with caplog.at_level(logging.ERROR, logger="edgefuse.runtime.service.health"):
         for t in np.arange(100.0, 200.0, 0.25):  # 100 s without a beat, checked 4x a second
             now[0] = float(t)
             monitor.check(now[0])

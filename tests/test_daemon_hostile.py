@@ -13,9 +13,9 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 
-from edgefuse.runtime import wire
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.simulate import MqttPublisher, simulate
+from edgefuse.runtime.core import wire
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.simulate import MqttPublisher, simulate
 from tests.conftest import wait_until
 from tests.daemon_helpers import (MODEL, T0, DaemonProcess, by_node, replay_text,
                                   synthetic_chunks, write_log)

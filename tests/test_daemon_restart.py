@@ -13,9 +13,9 @@ from collections import defaultdict
 
 import pytest
 
-from edgefuse.runtime.inference import OnnxModel
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.simulate import MqttPublisher, simulate
+from edgefuse.runtime.core.inference import OnnxModel
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.simulate import MqttPublisher, simulate
 from tests.conftest import Collector, wait_until
 from tests.daemon_helpers import MODEL, DaemonProcess, synthetic_chunks
 

@@ -17,17 +17,17 @@ import time
 import numpy as np
 import pytest
 
-from edgefuse.runtime import wire
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.core import wire
+from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.cli import main
-from edgefuse.runtime.decision import Decision
-from edgefuse.runtime.metrics import DaemonMetrics
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.simulate import MqttPublisher, simulate
-from edgefuse.sensors import serial_framing
-from edgefuse.sensors.base import ClockCheck
-from edgefuse.sensors.mqtt_source import MqttSourceSettings, make_mqtt_source
-from edgefuse.sensors.serial_source import SerialSettings, SerialSource
+from edgefuse.runtime.core.decision import Decision
+from edgefuse.runtime.service.metrics import DaemonMetrics
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.simulate import MqttPublisher, simulate
+from edgefuse.sensors.live import serial_framing
+from edgefuse.sensors.live.base import ClockCheck
+from edgefuse.sensors.live.mqtt_source import MqttSourceSettings, make_mqtt_source
+from edgefuse.sensors.live.serial_source import SerialSettings, SerialSource
 from tests.conftest import publish, wait_until
 from tests.daemon_helpers import MODEL, T0, DaemonProcess, synthetic_chunks, write_log
 
@@ -156,7 +156,7 @@ def test_live_mqtt_source_refuses_seconds_and_keeps_an_old_clock_naming_topic_no
     fine = wire.encode_binary(_chunk(now, node="ok1", seq=1))
     settings = MqttSourceSettings(mqtt=MqttSettings(host=broker.host, port=broker.port),
                                   receiver="process")
-    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.accounting"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.live.accounting"):
         with make_mqtt_source(settings, channels={"seismic": 1},
                               clock_check=ClockCheck(86400)) as source:
             assert source.wait_subscribed(5)

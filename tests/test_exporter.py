@@ -18,8 +18,8 @@ from edgefuse.exporters.onnx_export import (SubsetView, example_inputs, export, 
 from edgefuse.models import standin  # noqa: E402
 from edgefuse.models.frontends import (band_filterbank, dft_kernels, kept_bins,  # noqa: E402
                                        log_bands, log_mel, mel_filterbank)
-from edgefuse.runtime.contract import METADATA_KEY, ModelContract  # noqa: E402
-from edgefuse.runtime.inference import OnnxModel  # noqa: E402
+from edgefuse.runtime.core.contract import METADATA_KEY, ModelContract  # noqa: E402
+from edgefuse.runtime.core.inference import OnnxModel  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
 PARITY_LIMIT = 1e-4
@@ -177,8 +177,8 @@ def test_frontend_refuses_windows_shorter_than_the_fft():
 
 # ---- import hygiene -----------------------------------------------------------------
 
-@pytest.mark.parametrize("module", ["edgefuse.models", "edgefuse.runtime.inference",
-                                    "edgefuse.runtime.fusion", "edgefuse.runtime.info"])
+@pytest.mark.parametrize("module", ["edgefuse.models", "edgefuse.runtime.core.inference",
+                                    "edgefuse.runtime.core.fusion", "edgefuse.runtime.core.info"])
 def test_torch_free_imports(module):
     code = (f"import sys, {module}; heavy = [m for m in ('torch', 'onnx') if m in sys.modules];"
             "print(','.join(heavy))")

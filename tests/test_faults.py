@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefuse.runtime.chunk import Chunk
+from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.cli import main
-from edgefuse.runtime.errors import EdgefuseError
-from edgefuse.runtime.faults import (
+from edgefuse.runtime.core.errors import EdgefuseError
+from edgefuse.runtime.core.faults import (
     MAX_HORIZON, Fault, FaultSpecError, Injector, inject, parse_fault, parse_faults,
 )
 from tests.daemon_helpers import MODEL, T0, synthetic_chunks, write_log

@@ -11,8 +11,8 @@ import math
 import numpy as np
 import pytest
 
-from edgefuse.runtime.errors import ConfigError, ModalityMismatchError
-from edgefuse.runtime.window import REASON_FLATLINE, REASON_GAP, Window
+from edgefuse.runtime.core.errors import ConfigError, ModalityMismatchError
+from edgefuse.runtime.core.window import REASON_FLATLINE, REASON_GAP, Window
 
 torch = pytest.importorskip(
     "torch", reason="SKIPPED LOUDLY: torch (train extra) is missing, so the fusion tests "
@@ -21,9 +21,9 @@ torch = pytest.importorskip(
 from edgefuse.exporters.onnx_export import export_with_fallbacks  # noqa: E402
 from edgefuse.models import standin  # noqa: E402
 from edgefuse.models.frontends import log_bands, log_mel  # noqa: E402
-from edgefuse.runtime.contract import ModalitySpec, ModelContract  # noqa: E402
-from edgefuse.runtime.fusion import Fuser  # noqa: E402
-from edgefuse.runtime.inference import OnnxModel  # noqa: E402
+from edgefuse.runtime.core.contract import ModalitySpec, ModelContract  # noqa: E402
+from edgefuse.runtime.core.fusion import Fuser  # noqa: E402
+from edgefuse.runtime.core.inference import OnnxModel  # noqa: E402
 
 pytestmark = pytest.mark.needs_torch
 

@@ -14,11 +14,11 @@ import time
 import numpy as np
 import pytest
 
-from edgefuse.runtime import wire
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.config import from_dict
-from edgefuse.runtime.errors import ConfigError, InputError, WireFormatError
+from edgefuse.runtime.core import wire
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.service.config import from_dict
+from edgefuse.runtime.core.errors import ConfigError, InputError, WireFormatError
 from tests.aligner_helpers import T0, by_time, contract, run, stream_chunks
 
 pytestmark = pytest.mark.timeout(300)
@@ -110,7 +110,7 @@ def test_the_aligner_refuses_rates_outside_the_modality_range(rate, caplog):
     evil += [forced_rate(tiny("evil5", "seismic", T0 + 500_000_000 + i, 800.0, 1 + i), rate)
              for i in range(5)]
     mixed = good[:4] + evil[:1] + good[4:8] + evil[1:] + good[8:]
-    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.aligner"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.core.aligner"):
         windows = push_all(aligner, mixed)
     assert_same_windows(of(windows, "good"), clean)
     stats = aligner.stats()
@@ -226,7 +226,7 @@ def test_a_10000_name_flood_then_a_real_node_gets_its_windows(caplog):
     clean = run(Aligner(CONTRACT), real)
     aligner = Aligner(CONTRACT)
     flood = [tiny(f"fake{i:05d}", "seismic", T0 + i * 1000, 800.0, 0) for i in range(10_000)]
-    with caplog.at_level(logging.INFO, logger="edgefuse.runtime.aligner"):
+    with caplog.at_level(logging.INFO, logger="edgefuse.runtime.core.aligner"):
         windows = push_all(aligner, flood, flush=False) + push_all(aligner, real)
     assert_same_windows(of(windows, "real"), clean)
     agg = aligner.stats()["aligner"]
@@ -276,7 +276,7 @@ def test_established_nodes_are_never_displaced_and_refusals_are_warned_again(cap
     aligner._warner._clock = lambda: now[0]
     a, b = good_node("a", 3.0), good_node("b", 3.0)
     push_all(aligner, by_time(a[:4], b[:4]), flush=False)
-    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.aligner"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.core.aligner"):
         for i in range(50):
             assert aligner.push(tiny(f"x{i}", "seismic", T0, 800.0, 0)) == []
         now[0] += 61.0
@@ -350,7 +350,7 @@ def test_the_allow_list_refuses_other_names_counted_and_warned(caplog):
     ok = good_node("gw1-a", 4.0)
     clean = run(Aligner(CONTRACT), ok)
     aligner = Aligner(CONTRACT, cfg)
-    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.aligner"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.core.aligner"):
         windows = push_all(aligner, by_time(ok, good_node("gw2-a", 4.0), good_node("lab", 2.0)))
     assert_same_windows(of(windows, "gw1-a"), clean)
     assert {w.node for w in windows} == {"gw1-a", "lab"}

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from edgefuse.models import BENCH_3M, STANDIN_AV, bundled_path
-from edgefuse.runtime.contract import METADATA_KEY
-from edgefuse.runtime.errors import (InputError, ModalityMismatchError, ModelContractError,
+from edgefuse.runtime.core.contract import METADATA_KEY
+from edgefuse.runtime.core.errors import (InputError, ModalityMismatchError, ModelContractError,
                                      ProviderError)
-from edgefuse.runtime.inference import OnnxModel, resolve_providers, softmax
-from edgefuse.runtime.info import describe, describe_json
+from edgefuse.runtime.core.inference import OnnxModel, resolve_providers, softmax
+from edgefuse.runtime.core.info import describe, describe_json
 
 try:
     import onnx
@@ -122,7 +122,7 @@ def rand_inputs(batch: int, seed: int = 0) -> tuple[dict, np.ndarray]:
 @needs_onnx
 def test_valid_model_loads_and_runs_any_batch(tmp_path, caplog):
     path = write_model(tmp_path / "m.onnx", contract_doc())
-    with caplog.at_level(logging.INFO, logger="edgefuse.runtime.inference"):
+    with caplog.at_level(logging.INFO, logger="edgefuse.runtime.core.inference"):
         model = OnnxModel.load(path)
     assert "runs on CPUExecutionProvider" in caplog.text
     assert model.provider == "CPUExecutionProvider"
@@ -279,7 +279,7 @@ def test_absent_provider_not_required_falls_back_with_a_warning(tmp_path, caplog
     if "TensorrtExecutionProvider" in ort.get_available_providers():
         pytest.skip("this machine has TensorRT")
     path = write_model(tmp_path / "m.onnx", contract_doc())
-    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.inference"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.core.inference"):
         model = OnnxModel.load(path, providers=("tensorrt", "cpu"))
     assert model.provider == "CPUExecutionProvider"
     assert "TensorrtExecutionProvider is not available" in caplog.text

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy.signal import butter
 
-from edgefuse.runtime import kernels
+from edgefuse.runtime.core import kernels
 from tests import reference as ref
 
 SOS = butter(4, 0.45 * 4000, fs=9868.0, output="sos")
@@ -129,7 +129,7 @@ def test_count_nonfinite_matches_numpy(shape, bad):
 @pytest.mark.parametrize("cutoff,rate", [(0.45 * 4934, 9866.44), (360.0, 1605.23),
                                          (0.45 * 800, 1528.3), (10.0, 1000.0)])
 def test_butterworth_design_matches_scipy(cutoff, rate):
-    from edgefuse.runtime.filters import butter4_lowpass_sos
+    from edgefuse.runtime.core.filters import butter4_lowpass_sos
     from scipy.signal import sosfilt
     ours = butter4_lowpass_sos(cutoff, rate)
     np.testing.assert_allclose(ours, butter(4, cutoff, fs=rate, output="sos"), atol=1e-12)
@@ -139,7 +139,7 @@ def test_butterworth_design_matches_scipy(cutoff, rate):
 
 
 def test_butterworth_design_refuses_bad_cutoff():
-    from edgefuse.runtime.filters import butter4_lowpass_sos
+    from edgefuse.runtime.core.filters import butter4_lowpass_sos
     with pytest.raises(ValueError, match="cutoff"):
         butter4_lowpass_sos(600.0, 1000.0)
 
@@ -150,7 +150,7 @@ def test_lowpass_delay_is_the_low_frequency_group_delay(cutoff, rate):
     """filters.lowpass_delay_samples (the placement shift when decimating) against
     scipy's group delay near 0 Hz and the centroid of the impulse response."""
     from scipy.signal import group_delay, sosfilt
-    from edgefuse.runtime.filters import butter4_lowpass_sos, lowpass_delay_samples
+    from edgefuse.runtime.core.filters import butter4_lowpass_sos, lowpass_delay_samples
     sos = butter4_lowpass_sos(cutoff, rate)
     delay = lowpass_delay_samples(sos)
     b, a = np.array([1.0]), np.array([1.0])

@@ -12,9 +12,9 @@ import json
 
 import pytest
 
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.simulate import MqttPublisher, SerialPublisher, simulate
-from edgefuse.sensors.inputs import open_inputs
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.simulate import MqttPublisher, SerialPublisher, simulate
+from edgefuse.sensors.readers.inputs import open_inputs
 from tests.conftest import Collector
 from tests.daemon_helpers import MODEL, SAMPLE, DaemonProcess, replay_text
 

@@ -12,12 +12,12 @@ from hypothesis import strategies as st
 from mcap.reader import make_reader
 from mcap.writer import Writer
 
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.errors import CorruptLogError, InputError
-from edgefuse.runtime.wire import DTYPES, HEADER, encode_binary
-from edgefuse.sensors import goodvibes, sphar
-from edgefuse.sensors.inputs import open_inputs, record
-from edgefuse.sensors.mcaplog import (
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.errors import CorruptLogError, InputError
+from edgefuse.runtime.core.wire import DTYPES, HEADER, encode_binary
+from edgefuse.sensors.readers import goodvibes, sphar
+from edgefuse.sensors.readers.inputs import open_inputs, record
+from edgefuse.sensors.readers.mcaplog import (
     ENCODING, SCHEMA_NAME, McapLog, McapRecorder, describe_mcap, read_mcap,
 )
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from edgefuse.models.commands import build_parser
-from edgefuse.runtime.errors import ConfigError, InputError
+from edgefuse.runtime.core.errors import ConfigError, InputError
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parents[1]
@@ -109,7 +109,7 @@ def test_export_writes_fallbacks_and_parity_holds(smoke_model):
     from edgefuse.models.export import torch_parity_inputs
     from edgefuse.models.nets import SubsetNet
     from edgefuse.models.train import load_checkpoint
-    from edgefuse.runtime.inference import OnnxModel
+    from edgefuse.runtime.core.inference import OnnxModel
     model = OnnxModel.load(smoke_model)
     assert sorted(model.fallbacks) == [("acoustic",), ("seismic",)]
     net, _ = load_checkpoint(str(smoke_model.parent / "run" / "checkpoint.pt"))
@@ -144,7 +144,7 @@ def test_identification_is_refused_with_a_reason(smoke_model):
 def test_quantized_variants_load_and_run(smoke_model, mode, tmp_path):
     from edgefuse.exporters.quantize import max_output_diff, quantize_model
     from edgefuse.models.evaluate import calibration_windows
-    from edgefuse.runtime.inference import OnnxModel
+    from edgefuse.runtime.core.inference import OnnxModel
     calibration = None
     if mode == "int8-static":
         os.environ["EDGEFUSE_CACHE"] = str(smoke_model.parent / "cache")

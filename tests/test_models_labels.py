@@ -6,7 +6,7 @@ import pytest
 
 from edgefuse.models.labels import (BACKGROUND, IGNORE, VEHICLE, DistanceTrack, LabelRule,
                                     detection_labels, haversine_m, utc_iso_ns, window_distance)
-from edgefuse.runtime.errors import ConfigError
+from edgefuse.runtime.core.errors import ConfigError
 
 S = 1_000_000_000
 DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))

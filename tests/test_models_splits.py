@@ -4,7 +4,7 @@ import pytest
 
 from edgefuse.models.dataset import WindowSet
 from edgefuse.models.splits import Split, check_no_leakage, split_by_day_site
-from edgefuse.runtime.errors import ConfigError
+from edgefuse.runtime.core.errors import ConfigError
 
 
 def _ws(sites, dates, groups):

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefuse.runtime import wire
-from edgefuse.runtime.errors import ConfigError
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.sensors.accounting import Counters, RejectedPayload, RejectionLog, count_rejection
-from edgefuse.sensors.mqtt_source import MqttSourceSettings, make_mqtt_source
+from edgefuse.runtime.core import wire
+from edgefuse.runtime.core.errors import ConfigError
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.sensors.live.accounting import Counters, RejectedPayload, RejectionLog, count_rejection
+from edgefuse.sensors.live.mqtt_source import MqttSourceSettings, make_mqtt_source
 
 from tests.conftest import Mosquitto, free_port, publish, wait_until
 from tests.test_mqtt_source import make_chunk, read_n, topic
@@ -204,11 +204,11 @@ def test_bad_credentials_name_the_connack_refusal(tmp_path, receiver):
 def test_first_failure_is_warned_at_once_then_rate_limited(caplog):
     """Several attempts fail with one cause: one WARNING (the first), not one per attempt."""
     port = free_port()
-    with caplog.at_level(logging.WARNING, logger="edgefuse.runtime.mqtt_client"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.live.mqtt_client"):
         with _source("127.0.0.1", port, "thread") as source:
             wait_until(lambda: source.stats()["connect_failures"] >= 4, 10, "4 failed attempts")
     lines = [r.getMessage() for r in caplog.records
-             if r.name == "edgefuse.runtime.mqtt_client"]
+             if r.name == "edgefuse.sensors.live.mqtt_client"]
     assert len(lines) == 1, lines
     assert "connection refused" in lines[0] and "retrying" in lines[0]
 
@@ -277,7 +277,7 @@ def test_client_id_rule():
 
 def test_source_and_decision_publisher_with_one_client_id_do_not_take_each_other_over(
         broker, tmp_path):
-    from edgefuse.runtime.sinks import MqttDecisionSink
+    from edgefuse.runtime.service.sinks import MqttDecisionSink
     settings = MqttSettings(host=broker.host, port=broker.port, client_id="edgefuse-gw1",
                             reconnect_min_s=0.1, reconnect_max_s=0.5)
     source = make_mqtt_source(MqttSourceSettings(mqtt=settings, receiver="thread"))
@@ -395,7 +395,7 @@ def test_rejection_warnings_name_the_topic_and_are_rate_limited(caplog):
         count_rejection(counters, RejectedPayload(reason, "field 'values' missing"),
                         topic=t, node=node, modality=modality)
 
-    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.accounting"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.live.accounting"):
         for _ in range(5):
             reject("edgefuse/n1/acoustic")
         reject("edgefuse/n2/acoustic")            # another topic: its own first line
@@ -418,7 +418,7 @@ def test_rejection_warnings_name_the_topic_and_are_rate_limited(caplog):
 
 def test_rejection_warning_of_a_live_source_names_topic(broker, caplog):
     settings = MqttSettings(host=broker.host, port=broker.port)
-    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.accounting"):
+    with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.live.accounting"):
         with make_mqtt_source(MqttSourceSettings(mqtt=settings, receiver="process"),
                               channels={"seismic": 3}) as source:
             assert source.wait_subscribed(5)

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edgefuse.runtime import config, wire
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.credentials import read_secret
-from edgefuse.runtime.errors import ConfigError, TransportError
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.sensors.base import BAD_TOPIC, RejectedPayload, Source
-from edgefuse.sensors.mqtt_source import (
+from edgefuse.runtime.service import config
+from edgefuse.runtime.core import wire
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.sensors.live.credentials import read_secret
+from edgefuse.runtime.core.errors import ConfigError, TransportError
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.sensors.live.base import BAD_TOPIC, RejectedPayload, Source
+from edgefuse.sensors.live.mqtt_source import (
     MqttSource, MqttSourceSettings, TopicPattern, make_mqtt_source,
 )
 
@@ -268,8 +269,8 @@ def _pid_gone(pid: int) -> bool:
 
 def test_receiver_process_exits_when_its_parent_is_killed(broker):
     script = ("import sys, time\n"
-              "from edgefuse.runtime.mqtt_client import MqttSettings\n"
-              "from edgefuse.sensors.mqtt_source import MqttSourceSettings, make_mqtt_source\n"
+              "from edgefuse.sensors.live.mqtt_client import MqttSettings\n"
+              "from edgefuse.sensors.live.mqtt_source import MqttSourceSettings, make_mqtt_source\n"
               "s = make_mqtt_source(MqttSourceSettings(mqtt=MqttSettings(host=sys.argv[1], "
               "port=int(sys.argv[2]))))\n"
               "s.open(); assert s.wait_subscribed(5)\n"
@@ -288,7 +289,7 @@ def test_receiver_process_exits_when_its_parent_is_killed(broker):
 def test_receiver_process_imports_no_numpy():
     """The child stays small: standard library and paho only."""
     out = subprocess.run(
-        [sys.executable, "-c", "import sys, edgefuse.sensors.mqtt_receiver; "
+        [sys.executable, "-c", "import sys, edgefuse.sensors.live.mqtt_receiver; "
          "print(sorted(m for m in ('numpy', 'numba', 'onnxruntime') if m in sys.modules))"],
         capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -393,7 +394,7 @@ def _mqtt_thread_source(request):
 
 
 def _serial_source(request):
-    from edgefuse.sensors.serial_source import SerialSettings, SerialSource
+    from edgefuse.sensors.live.serial_source import SerialSettings, SerialSource
     return SerialSource(SerialSettings(device=request.getfixturevalue("pty_pair").path))
 
 

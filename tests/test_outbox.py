@@ -13,11 +13,11 @@ import time
 
 import pytest
 
-from edgefuse.runtime.decision import Decision
-from edgefuse.runtime.errors import ConfigError, InputError
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.outbox import Outbox, OutboxInUseError
-from edgefuse.runtime.sinks import JsonlSink, MqttDecisionSink
+from edgefuse.runtime.core.decision import Decision
+from edgefuse.runtime.core.errors import ConfigError, InputError
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.outbox import Outbox, OutboxInUseError
+from edgefuse.runtime.service.sinks import JsonlSink, MqttDecisionSink
 
 from tests.conftest import Collector, Mosquitto, free_port, wait_until
 
@@ -83,7 +83,7 @@ def test_bad_files_and_settings_are_refused(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys, time
-    from edgefuse.runtime.outbox import Outbox, OutboxInUseError
+    from edgefuse.runtime.service.outbox import Outbox, OutboxInUseError
     box = Outbox(sys.argv[1], synchronous=sys.argv[2])
     for i in range(int(sys.argv[3])):
         box.put("edgefuse/n1/decisions", ("row %d" % i).encode())
@@ -175,9 +175,9 @@ def test_mqtt_sink_delivers_after_broker_restart(tmp_path, persistent_broker):
 
 _PUBLISHER = textwrap.dedent("""
     import sys, time
-    from edgefuse.runtime.decision import Decision
-    from edgefuse.runtime.mqtt_client import MqttSettings
-    from edgefuse.runtime.sinks import MqttDecisionSink
+    from edgefuse.runtime.core.decision import Decision
+    from edgefuse.sensors.live.mqtt_client import MqttSettings
+    from edgefuse.runtime.service.sinks import MqttDecisionSink
     sink = MqttDecisionSink(sys.argv[1], MqttSettings(port=int(sys.argv[2]), reconnect_min_s=0.1,
                                                       reconnect_max_s=0.5))
     for i in range(8):
@@ -252,8 +252,8 @@ def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(tmp_
 
 _OWNER = textwrap.dedent("""
     import sys, time
-    from edgefuse.runtime.errors import EdgefuseError
-    from edgefuse.runtime.outbox import Outbox
+    from edgefuse.runtime.core.errors import EdgefuseError
+    from edgefuse.runtime.service.outbox import Outbox
     try:
         box = Outbox(sys.argv[1])
     except EdgefuseError as exc:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from edgefuse.runtime.decision import Decision
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.outbox import Outbox
-from edgefuse.runtime.simulate import MqttPublisher, simulate
-from edgefuse.runtime.sinks import MqttDecisionSink
+from edgefuse.runtime.core.decision import Decision
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.outbox import Outbox
+from edgefuse.runtime.service.simulate import MqttPublisher, simulate
+from edgefuse.runtime.service.sinks import MqttDecisionSink
 from tests.conftest import Collector, wait_until
 from tests.daemon_helpers import MODEL, DaemonProcess, replay_text, synthetic_chunks, write_log
 
@@ -78,12 +78,12 @@ def decision(seq: int, node: str = "n1") -> Decision:
 
 
 def _records(caplog, text: str, level: int) -> list[logging.LogRecord]:
-    return [r for r in caplog.records if r.name == "edgefuse.runtime.outbox"
+    return [r for r in caplog.records if r.name == "edgefuse.runtime.service.outbox"
             and r.levelno == level and text in r.getMessage()]
 
 
 def test_full_disk_drops_counts_keeps_acks_and_recovers(small_fs, caplog):
-    caplog.set_level(logging.INFO, logger="edgefuse.runtime.outbox")
+    caplog.set_level(logging.INFO, logger="edgefuse.runtime.service.outbox")
     box = Outbox(small_fs / "o.db")
     try:
         ids = box.put_many([("t", f"before {i}") for i in range(5)])
@@ -119,7 +119,7 @@ def test_mqtt_sink_on_a_full_disk_never_republishes_and_recovers(small_fs, persi
     """Rows wait while the broker is away, the disk fills, the broker returns: the rows
     are delivered once (their deletes fail and wait), new decisions are dropped and
     counted without an exception; space returns: deletes done, new decisions delivered."""
-    caplog.set_level(logging.INFO, logger="edgefuse.runtime.outbox")
+    caplog.set_level(logging.INFO, logger="edgefuse.runtime.service.outbox")
     broker = persistent_broker
     collector = Collector(broker, "edgefuse/+/decisions", session=True,
                           client_id="disk-collector")

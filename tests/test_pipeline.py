@@ -6,10 +6,10 @@ from pathlib import Path
 import pytest
 
 from edgefuse.runtime.cli import bundled_model_path
-from edgefuse.runtime.errors import ConfigError
-from edgefuse.runtime.inference import OnnxModel
-from edgefuse.runtime.pipeline import Pipeline, PipelineConfig
-from edgefuse.sensors.inputs import open_inputs
+from edgefuse.runtime.core.errors import ConfigError
+from edgefuse.runtime.core.inference import OnnxModel
+from edgefuse.runtime.core.pipeline import Pipeline, PipelineConfig
+from edgefuse.sensors.readers.inputs import open_inputs
 
 CLOSE = Path(__file__).resolve().parent / "data" / "goodvibes" / "passes" / "close"
 

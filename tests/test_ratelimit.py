@@ -1,6 +1,6 @@
 import logging
 
-from edgefuse.runtime.ratelimit import WarnLimiter
+from edgefuse.runtime.core.ratelimit import WarnLimiter
 
 
 class Clock:

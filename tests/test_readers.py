@@ -15,11 +15,11 @@ from decimal import Decimal
 import numpy as np
 import pytest
 
-from edgefuse.runtime.errors import InputError
-from edgefuse.sensors import goodvibes, sphar
-from edgefuse.sensors._common import OfflineSource, StreamInfo, offset_ns, seconds_to_ns, utc_to_ns
-from edgefuse.sensors.inputs import InputSet, open_inputs
-from edgefuse.sensors.wavfile import WavReader, read_wav, read_wav_info
+from edgefuse.runtime.core.errors import InputError
+from edgefuse.sensors.readers import goodvibes, sphar
+from edgefuse.sensors.readers._common import OfflineSource, StreamInfo, offset_ns, seconds_to_ns, utc_to_ns
+from edgefuse.sensors.readers.inputs import InputSet, open_inputs
+from edgefuse.sensors.readers.wavfile import WavReader, read_wav, read_wav_info
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 GV = os.path.join(DATA, "goodvibes")
@@ -193,7 +193,7 @@ def test_pass_without_sensor_clock_falls_back(tmp_path, caplog):
     for m in meta["modalities"].values():
         del m["t0_unix_s_sensor_clock"], m["sensor_rate_hz_actual"]
     (dst / "meta.json").write_text(json.dumps(meta))
-    with caplog.at_level(logging.DEBUG, logger="edgefuse.sensors.goodvibes"):
+    with caplog.at_level(logging.DEBUG, logger="edgefuse.sensors.readers.goodvibes"):
         chunks = list(goodvibes.iter_pass(dst))
     assert "no sensor-clock fields" in caplog.text
     first = {c.modality: c for c in chunks if c.seq == 0}
@@ -358,7 +358,7 @@ def test_one_stream_from_two_inputs_is_renumbered(tmp_path):
 def test_merge_opens_sources_lazily():
     """A folder of many files must not hold them all open: the merger opens a
     source when the output reaches its start time."""
-    from edgefuse.runtime.chunk import Chunk
+    from edgefuse.runtime.core.chunk import Chunk
 
     open_now, peak = [0], [0]
 

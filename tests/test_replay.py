@@ -107,8 +107,8 @@ def test_clear_errors_and_nonzero_exit(tmp_path, capsys, case):
         return
     else:  # one chunk per stream, no rate: nothing to estimate a rate from
         import numpy as np
-        from edgefuse.runtime.chunk import Chunk
-        from edgefuse.sensors.mcaplog import McapRecorder
+        from edgefuse.runtime.core.chunk import Chunk
+        from edgefuse.sensors.readers.mcaplog import McapRecorder
         log = tmp_path / "norate.mcap"
         with McapRecorder(log) as rec:
             for m in ("acoustic", "seismic"):
@@ -126,7 +126,7 @@ def test_runtime_never_imports_torch(tmp_path):
             "from edgefuse.runtime.cli import main\n"
             f"rc = main(['replay', {str(SAMPLE)!r}, '--model', {str(MODEL)!r}, "
             f"'--out', {str(tmp_path / 'o.jsonl')!r}, '-q'])\n"
-            "import edgefuse.runtime.pipeline, edgefuse.sensors.inputs\n"
+            "import edgefuse.runtime.core.pipeline, edgefuse.sensors.readers.inputs\n"
             "assert rc == 0, rc\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "print('ok')\n")

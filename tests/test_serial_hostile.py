@@ -14,21 +14,21 @@ import zlib
 
 import pytest
 
-from edgefuse.runtime.errors import ConfigError
-from edgefuse.runtime.ratelimit import WarnLimiter
-from edgefuse.runtime.simulate import payload_of
-from edgefuse.sensors.inputs import open_inputs
-from edgefuse.sensors.serial_framing import (
+from edgefuse.runtime.core.errors import ConfigError
+from edgefuse.runtime.core.ratelimit import WarnLimiter
+from edgefuse.runtime.service.simulate import payload_of
+from edgefuse.sensors.readers.inputs import open_inputs
+from edgefuse.sensors.live.serial_framing import (
     DEFAULT_MAX_FRAME, SYNC, BinaryFrameParser, encode_chunk_frame, encode_frame,
     encode_json_line,
 )
-from edgefuse.sensors.serial_source import SerialSettings, SerialSource
+from edgefuse.sensors.live.serial_source import SerialSettings, SerialSource
 
 from tests.conftest import wait_until
 from tests.daemon_helpers import SAMPLE, synthetic_chunks
 from tests.test_serial_source import make_chunk, read_n, same
 
-SERIAL_LOG = "edgefuse.sensors.serial_source"
+SERIAL_LOG = "edgefuse.sensors.live.serial_source"
 
 
 def lying_header(body_len: int, node: str = "n1", modality: str = "imu") -> bytes:

@@ -8,15 +8,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edgefuse.runtime import config, wire
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.errors import ConfigError
-from edgefuse.sensors.base import ChunkValidator
-from edgefuse.sensors.serial_framing import (
+from edgefuse.runtime.service import config
+from edgefuse.runtime.core import wire
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.errors import ConfigError
+from edgefuse.sensors.live.base import ChunkValidator
+from edgefuse.sensors.live.serial_framing import (
     SYNC, BinaryFrameParser, CsvLineParser, JsonLineParser, encode_chunk_frame, encode_csv_lines,
     encode_frame, encode_json_line,
 )
-from edgefuse.sensors.serial_source import SerialSettings, SerialSource
+from edgefuse.sensors.live.serial_source import SerialSettings, SerialSource
 
 from tests.conftest import wait_until
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 import serial
 
-from edgefuse.runtime import wire
+from edgefuse.runtime.core import wire
 from edgefuse.runtime.cli import main
-from edgefuse.runtime.errors import ConfigError, TransportError
-from edgefuse.runtime.mqtt_client import MqttSettings
-from edgefuse.runtime.simulate import MqttPublisher, Publisher, SerialPublisher, simulate
-from edgefuse.sensors import serial_framing
-from edgefuse.sensors.inputs import open_inputs
+from edgefuse.runtime.core.errors import ConfigError, TransportError
+from edgefuse.sensors.live.mqtt_client import MqttSettings
+from edgefuse.runtime.service.simulate import MqttPublisher, Publisher, SerialPublisher, simulate
+from edgefuse.sensors.live import serial_framing
+from edgefuse.sensors.readers.inputs import open_inputs
 from tests.conftest import Collector, free_port, wait_until
 from tests.daemon_helpers import T0, synthetic_chunks, write_log
 

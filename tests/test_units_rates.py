@@ -10,10 +10,10 @@ import logging
 import numpy as np
 import pytest
 
-from edgefuse.runtime.aligner import Aligner, AlignerConfig
-from edgefuse.runtime.chunk import Chunk
-from edgefuse.runtime.errors import ConfigError
-from edgefuse.runtime.faults import inject, parse_fault
+from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
+from edgefuse.runtime.core.errors import ConfigError
+from edgefuse.runtime.core.faults import inject, parse_fault
 from tests.aligner_helpers import T0, by_time, contract, stream_chunks
 
 pytestmark = pytest.mark.timeout(300)
@@ -149,7 +149,7 @@ def test_new_settings_are_bounded(key, value):
 
 
 def test_the_new_settings_come_from_the_config_file():
-    from edgefuse.runtime.config import from_dict
+    from edgefuse.runtime.service.config import from_dict
     cfg = from_dict({"pipeline": {"aligner": {
         "max_lead_ns": 3_000_000_000, "clock_step_min_ns": 200_000_000,
         "skew_tolerance_s": 1.0, "min_t0_ns": 0, "rate_tolerance": 0.05,

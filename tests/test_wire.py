@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from edgefuse.runtime import wire
-from edgefuse.runtime.chunk import RATE_MAX_HZ, RATE_MIN_HZ, T0_MAX_NS, Chunk
-from edgefuse.runtime.errors import WireFormatError
+from edgefuse.runtime.core import wire
+from edgefuse.runtime.core.chunk import RATE_MAX_HZ, RATE_MIN_HZ, T0_MAX_NS, Chunk
+from edgefuse.runtime.core.errors import WireFormatError
 
 SETTINGS = settings(max_examples=200, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
