@@ -2,9 +2,10 @@
 same windows?
 
 `evaluate` scores windows cut by models.dataset (the runtime's Aligner over the
-pass read by models.segments, 0.25 s chunks) through the runtime's Fuser;
-`replay` reads the same pass folder with edgefuse.sensors (1 s chunks) and runs
-the whole pipeline. Both must give the same label and nearly the same scores
+pass read by the same goodvibes reader, 0.25 s chunks) through the runtime's
+Fuser; `replay --chunk-s 0.25` reads the same pass folder and runs the whole
+pipeline. One reader, one chunking, one aligner: the windows are identical
+(tests/test_training_equals_serving.py), so the labels and scores must agree
 for every window they share.
 
     python examples/replay_vs_evaluate.py [DATA] [--pass full/2H.22.129] [--model M]
@@ -50,7 +51,8 @@ def main(argv: list[str]) -> int:
 
     # replay's side: the CLI on the pass folder
     out = subprocess.run([sys.executable, "-m", "edgefuse.runtime.cli", "replay", str(folder),
-                          "--model", args.model, "-q"], capture_output=True, text=True,
+                          "--model", args.model, "--chunk-s", "0.25", "-q"],
+                         capture_output=True, text=True,
                          check=True).stdout
     replayed = {d["window_start_ns"]: d for d in map(json.loads, out.splitlines())}
 

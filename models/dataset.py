@@ -3,8 +3,12 @@
 Every labelled segment (models/segments.py) is replayed as chunks through
 ``edgefuse.runtime.core.aligner.Aligner`` - the path serving uses - so training
 windows have exactly the grid, resampling, anti-aliasing and missing-modality
-decisions (gap, flatline, stuck, clipped) of the field. Each window then gets
-its detection label from the GPS distance (models/labels.py).
+decisions (gap, flatline, stuck, clipped) of the field. The chunks come from
+the readers replay uses (``WavSpan.chunks``) in replay's order
+(``merge_chunks``): a pass cut here at ``GridConfig.chunk_s`` gives the windows
+``edgefuse replay --chunk-s`` gives, bit for bit
+(tests/test_training_equals_serving.py). Each window then gets its detection
+label from the GPS distance (models/labels.py).
 
 The result is a ``WindowSet``: one float32 array per modality [N, channels,
 samples], the modality mask [N, M], labels and group columns (site, date,
@@ -18,20 +22,27 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from edgefuse.models.labels import (DETECTION_LABELS, IGNORE, LabelRule, detection_labels,
                                     window_distance)
-from edgefuse.models.segments import FULL_SCALE_INT16, Segment, load_segments
+from edgefuse.models.segments import Segment, load_segments
 from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
 from edgefuse.runtime.core.errors import InputError
+from edgefuse.runtime.core.window import Window
+from edgefuse.sensors.readers.inputs import merge_chunks
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 1     # layout of the cached .npz (WindowSet.save / load)
+# What the windows are cut from, part of every cache key: bump it when the same
+# data and settings give other windows, so an old cache is never reused.
+# 2: samples and times from the serving readers (exact t0, no float seconds).
+WINDOWS_VERSION = 2
 _STR_COLUMNS = ("site", "date", "node", "group", "kind", "target")
 
 
@@ -42,7 +53,9 @@ class GridConfig:
     window_ns: int = 1_000_000_000
     hop_ns: int = 500_000_000
     rates_hz: tuple[tuple[str, float], ...] = (("acoustic", 4934.0), ("seismic", 800.0))
-    chunk_s: float = 0.25     # replay chunk length (the aligner is chunking-invariant)
+    # Replay chunk length. The aligner gives the same windows for any chunking up
+    # to float32 rounding (~1e-6 relative); bit for bit only for the same chunk_s.
+    chunk_s: float = 0.25
 
     def contract(self, labels: tuple[str, ...] = DETECTION_LABELS) -> ModelContract:
         mods = tuple(ModalitySpec(name, 1, rate, name) for name, rate in self.rates_hz)
@@ -104,30 +117,37 @@ class WindowSet:
 SEQ_HOLE = 1000  # seq numbers skipped between the pieces of a segment
 
 
-def cut_segment(seg: Segment, grid: GridConfig, contract: ModelContract,
-                aligner_config: AlignerConfig | None = None) -> list:
-    """Replay one segment through a fresh Aligner; returns its windows."""
-    chunks = []
+def segment_chunks(seg: Segment, chunk_s: float) -> Iterator[Chunk]:
+    """The chunks of a segment's pieces (the readers' WavSpan.chunks) in replay's order.
+
+    A hole in seq between the pieces of one modality: the time between them is a
+    silence (lost data), not a clock step, which is what consecutive seqs would
+    claim. A pass has one piece per modality, so its chunks are replay's.
+    """
+    pieces: list[list[Chunk]] = []
     next_seq: dict[str, int] = {}
     for piece in seg.pieces:
-        n_chunk = max(1, int(round(grid.chunk_s * piece.rate_hz)))
-        # A hole in seq between pieces: the time between them is a silence (lost
-        # data), not a clock step, which is what consecutive seqs would claim.
-        seq = next_seq.get(piece.modality, -SEQ_HOLE) + SEQ_HOLE
-        for i in range(0, piece.samples.size, n_chunk):
-            t0 = piece.t0_ns + int(round(i * 1e9 / piece.rate_hz))
-            x = piece.samples[i:i + n_chunk].astype(np.float32)[:, None]
-            chunks.append(Chunk(seg.source, piece.modality, t0, piece.rate_hz, x, seq,
-                                full_scale=FULL_SCALE_INT16))
-            seq += 1
-        next_seq[piece.modality] = seq
-    chunks.sort(key=lambda c: c.t0_ns)
+        seq0 = next_seq.get(piece.modality, -SEQ_HOLE) + SEQ_HOLE
+        pieces.append(list(piece.chunks(chunk_s, seq0)))
+        next_seq[piece.modality] = seq0 + len(pieces[-1])
+    return merge_chunks(pieces)
+
+
+def align_chunks(chunks: Iterable[Chunk], contract: ModelContract,
+                 aligner_config: AlignerConfig | None = None) -> list[Window]:
+    """Every window a fresh Aligner cuts from `chunks` (then flushed)."""
     aligner = Aligner(contract, aligner_config)
     windows = []
     for c in chunks:
         windows.extend(aligner.push(c))
     windows.extend(aligner.flush())
     return windows
+
+
+def cut_segment(seg: Segment, grid: GridConfig, contract: ModelContract,
+                aligner_config: AlignerConfig | None = None) -> list[Window]:
+    """Replay one segment through a fresh Aligner; returns its windows."""
+    return align_chunks(segment_chunks(seg, grid.chunk_s), contract, aligner_config)
 
 
 def build_windowset(data_dir: str, grid: GridConfig = GridConfig(),
@@ -189,8 +209,8 @@ def cache_key(data_dir: str, grid: GridConfig, rule: LabelRule,
             h.update(f.read())
     else:
         h.update(os.path.abspath(data_dir).encode())
-    cfg = {"format": CACHE_FORMAT, "grid": asdict(grid), "rule": asdict(rule),
-           "aligner": asdict(aligner_config or AlignerConfig())}
+    cfg = {"format": CACHE_FORMAT, "windows": WINDOWS_VERSION, "grid": asdict(grid),
+           "rule": asdict(rule), "aligner": asdict(aligner_config or AlignerConfig())}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     return h.hexdigest()[:16]
 

@@ -2,11 +2,13 @@
 
 Each execution (one subject walking through a fixed sequence of activities
 with a phone and a watch) is one node with two 6-channel streams,
-``imu_phone`` and ``imu_watch``. The CSVs are read by the runtime's own
-reader (``edgefuse.sensors.readers.sphar.iter_csv``: chunks with ``rate_hz=None``,
-because the timestamps are irregular) and cut by the runtime's ``Aligner``
-(rate estimated from the chunk times, anti-aliased, resampled onto the
-model grid): training windows are what serving sees.
+``imu_phone`` and ``imu_watch``. The CSVs are read by the reader replay uses
+(``edgefuse.sensors.readers.sphar``: ``Execution.sources`` gives replay's
+sources, chunks with ``rate_hz=None`` because the timestamps are irregular;
+``Execution.activity_rows`` the labels), merged by replay's ``InputSet`` and
+cut by the runtime's ``Aligner`` (rate estimated from the chunk times,
+anti-aliased, resampled onto the model grid): training windows are what
+``edgefuse replay`` cuts, bit for bit (tests/test_training_equals_serving.py).
 
 Grid (``HarGrid``): 50 Hz, 1 s windows, 0.5 s hop. 50 Hz keeps every
 body-motion component (human activity is below ~20 Hz; 50 Hz is the usual
@@ -34,17 +36,19 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edgefuse.models.dataset import WindowSet, cache_dir
-from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
+from edgefuse.models.dataset import (CACHE_FORMAT, WINDOWS_VERSION, WindowSet, align_chunks,
+                                     cache_dir)
+from edgefuse.runtime.core.aligner import AlignerConfig
 from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
 from edgefuse.runtime.core.errors import InputError
+from edgefuse.runtime.core.window import Window
 from edgefuse.sensors.readers import sphar
+from edgefuse.sensors.readers.inputs import InputSet
 
 log = logging.getLogger(__name__)
 
 ACTIVITIES = ("SEATED", "STANDING_UP", "WALKING", "TURNING", "SITTING_DOWN")
 MODALITIES = ("imu_phone", "imu_watch")
-CACHE_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,6 @@ def find_root(data_dir: str) -> str:
                      path=data_dir)
 
 
-def executions(root: str) -> dict[str, list[str]]:
-    """execution id -> its CSV paths (phone first)."""
-    out: dict[str, list[str]] = {}
-    for path in sphar.find_csvs(root):
-        execution, _ = sphar.parse_name(path)
-        out.setdefault(execution, []).append(path)
-    return {k: sorted(v, key=lambda p: p.endswith("_sw.csv")) for k, v in sorted(out.items())}
-
-
 def majority_labels(times_ns: np.ndarray, codes: np.ndarray, start_ns: np.ndarray,
                     end_ns: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(label, purity) per window [start, end): the most frequent code among the rows
@@ -101,17 +96,12 @@ def majority_labels(times_ns: np.ndarray, codes: np.ndarray, start_ns: np.ndarra
     return label, purity
 
 
-def cut_execution(paths: list[str], grid: HarGrid, contract: ModelContract,
-                  aligner_config: AlignerConfig | None = None) -> list:
-    """Replay one execution's CSVs through a fresh Aligner (chunks in time order)."""
-    chunks = [c for p in paths for c in sphar.iter_csv(p, grid.chunk_s)]
-    chunks.sort(key=lambda c: (c.t0_ns, c.modality))
-    aligner = Aligner(contract, aligner_config)
-    windows = []
-    for c in chunks:
-        windows.extend(aligner.push(c))
-    windows.extend(aligner.flush())
-    return windows
+def cut_execution(execution: sphar.Execution, grid: HarGrid, contract: ModelContract,
+                  aligner_config: AlignerConfig | None = None) -> list[Window]:
+    """Replay one execution's CSVs through a fresh Aligner: replay's sources, merged by
+    replay's InputSet."""
+    chunks = InputSet(execution.sources(grid.chunk_s)).chunks()
+    return align_chunks(chunks, contract, aligner_config)
 
 
 def build_har_windowset(data_dir: str, grid: HarGrid = HarGrid(),
@@ -124,20 +114,16 @@ def build_har_windowset(data_dir: str, grid: HarGrid = HarGrid(),
     reasons: dict[str, list] = {m: [] for m in MODALITIES}
     meta: dict[str, list] = {k: [] for k in ("subject", "group", "node", "target")}
     unknown = 0
-    for execution, paths in executions(root).items():
-        times, codes = [], []
-        for p in paths:
-            t, _, labs = sphar.read_csv(p)
-            c = np.array([code.get(x, -1) for x in labs], np.int64)
-            unknown += int((c < 0).sum())
-            times.append(t[c >= 0])
-            codes.append(c[c >= 0])
-        wins = cut_execution(paths, grid, contract, aligner_config)
+    for execution in sphar.find_executions(root):
+        times, labs = execution.activity_rows()
+        codes = np.array([code.get(x, -1) for x in labs], np.int64)
+        unknown += int((codes < 0).sum())
+        wins = cut_execution(execution, grid, contract, aligner_config)
         if not wins:
             continue
         start = np.array([w.start_ns for w in wins], np.int64)
         end = np.array([w.end_ns for w in wins], np.int64)
-        lab, pur = majority_labels(np.concatenate(times), np.concatenate(codes), start, end,
+        lab, pur = majority_labels(times[codes >= 0], codes[codes >= 0], start, end,
                                    len(ACTIVITIES))
         for w, y, s, p in zip(wins, lab, start, pur):
             if y < 0:
@@ -149,8 +135,8 @@ def build_har_windowset(data_dir: str, grid: HarGrid = HarGrid(),
             labels.append(int(y))
             starts.append(int(s))
             purities.append(float(p))
-            for k, v in (("subject", execution.split("_")[0]), ("group", execution),
-                         ("node", execution), ("target", ACTIVITIES[y])):
+            for k, v in (("subject", execution.subject), ("group", execution.name),
+                         ("node", execution.name), ("target", ACTIVITIES[y])):
                 meta[k].append(v)
     if unknown:
         log.warning("%d CSV rows had a label outside %s and were not used", unknown, ACTIVITIES)
@@ -174,7 +160,7 @@ def load_or_build_har(data_dir: str, grid: HarGrid = HarGrid(),
     h = hashlib.sha256()
     for p in sphar.find_csvs(root):
         h.update(f"{os.path.relpath(p, root)}:{os.path.getsize(p)}".encode())
-    cfg = {"format": CACHE_FORMAT, "grid": asdict(grid),
+    cfg = {"format": CACHE_FORMAT, "windows": WINDOWS_VERSION, "grid": asdict(grid),
            "aligner": asdict(aligner_config or AlignerConfig())}
     h.update(json.dumps(cfg, sort_keys=True).encode())
     path = os.path.join(cache or cache_dir(), f"sphar-{h.hexdigest()[:16]}.npz")

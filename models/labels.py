@@ -168,11 +168,3 @@ def _utc_ns(date: str, time: str) -> int:
     whole = int(day.timestamp()) + h * 3600 + m * 60 + s
     ns = int((frac + "000000000")[:9]) if frac else 0
     return whole * 1_000_000_000 + ns
-
-
-def utc_iso_ns(text: str) -> int:
-    """'2023-04-11T16:56:59.852' (UTC) -> int64 ns since the epoch."""
-    date, sep, time = text.strip().replace(" ", "T").partition("T")
-    if not sep:
-        raise InputError(f"expected a UTC time 'YYYY-MM-DDTHH:MM:SS[.fff]', found {text!r}")
-    return _utc_ns(date, time)

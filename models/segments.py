@@ -6,42 +6,38 @@ samples of each modality on the sensor clock (t0 and the sensor's measured
 rate from the sensor metadata, not the labelled times, which are late by up
 to 1.8 s) and the vehicle-to-node distance track used for labels.
 
+The files are read by the readers replay uses (``edgefuse.sensors.readers``:
+``goodvibes.load_pass`` for meta.json and distance.csv, ``goodvibes_noise`` for
+noise.csv and the raw files' measured rates): a segment's pieces are the
+readers' ``WavSpan``s, and models/dataset.py cuts them into chunks with
+``WavSpan.chunks``, so training sees the samples at the times serving sees them
+(tests/test_training_equals_serving.py). Only the label sources that serving
+never reads are parsed here: the run log, the node positions and the GPS logs.
+
 Choices (see models/README.md):
 - items whose ``window_check.status`` is not ``ok`` (``misplaced``) are skipped:
   their samples are not from the labelled run;
 - a pass uses ``full/`` where it has the modality and ``close/`` otherwise (the
   close cut lies inside the full run, so this never duplicates samples);
+- a modality without the sensor clock in meta.json is refused (its labelled
+  times are late by up to 1.8 s, which would misplace every label);
 - noise recordings are split into their sensor-clock spans; each span is one
-  piece with its own t0 (spliced files thus keep their real times).
+  piece with its own t0 and its source file's measured rate (spliced files
+  thus keep their real times).
 """
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from edgefuse.models.labels import DistanceTrack, load_gps_track, utc_iso_ns
+from edgefuse.models.labels import DistanceTrack, load_gps_track
 from edgefuse.runtime.core.errors import InputError
-from edgefuse.sensors.readers.wavfile import read_wav
+from edgefuse.sensors.readers import goodvibes, goodvibes_noise
+from edgefuse.sensors.readers.goodvibes import MODALITIES, PassInfo, WavSpan
 
 log = logging.getLogger(__name__)
-
-MODALITIES = ("acoustic", "seismic")
-FULL_SCALE_INT16 = 32767.0
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Contiguous samples of one modality: int16 [n], first sample at t0_ns (sensor clock)."""
-
-    modality: str
-    t0_ns: int
-    rate_hz: float
-    samples: np.ndarray
 
 
 @dataclass
@@ -52,7 +48,7 @@ class Segment:
     group: str            # event id shared by every node that saw it (split unit)
     kind: str             # "pass" or "noise"
     target: str           # vehicle target id for passes, "" for noise
-    pieces: list[Piece]
+    pieces: list[WavSpan]  # contiguous samples of one modality each, in recording order
     track: DistanceTrack
     background_without_gps: bool
     source: str = ""      # folder or file the samples came from
@@ -66,31 +62,11 @@ def default_data_dir() -> str | None:
     return cand if os.path.isdir(cand) else None
 
 
-def _ns(seconds: float) -> int:
-    return int(round(float(seconds) * 1e9))
-
-
-def _distance_csv(path: str) -> DistanceTrack:
-    try:
-        arr = np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read distance table {path}: {exc}", path=path) from exc
-    t = np.round(arr[:, 0] * 1e9).astype(np.int64)
-    return DistanceTrack(t, arr[:, 1].astype(np.float64))
-
-
-def _pass_piece(folder: str, modality: str, meta: dict) -> Piece | None:
-    info = meta.get("modalities", {}).get(modality)
-    wav = os.path.join(folder, f"{modality}.wav")
-    if not info or not os.path.exists(wav):
-        return None
-    _, samples = read_wav(wav)
-    t0 = info.get("t0_unix_s_sensor_clock")
-    rate = info.get("sensor_rate_hz_actual")
-    if t0 is None or rate is None:
-        raise InputError(f"{folder}/meta.json lacks the sensor clock of {modality} "
-                         "(t0_unix_s_sensor_clock, sensor_rate_hz_actual)", path=folder)
-    return Piece(modality, _ns(t0), float(rate), np.asarray(samples).reshape(-1))
+def _sensor_clock_span(info: PassInfo, modality: str) -> WavSpan:
+    if info.modalities[modality].rate_is_nominal:
+        raise InputError(f"{info.path}/meta.json lacks the sensor clock of {modality} "
+                         "(t0_unix_s_sensor_clock, sensor_rate_hz_actual)", path=info.path)
+    return info.span(modality)
 
 
 def pass_segments(gv_dir: str) -> tuple[list[Segment], dict[str, int]]:
@@ -103,46 +79,29 @@ def pass_segments(gv_dir: str) -> tuple[list[Segment], dict[str, int]]:
             items.setdefault(name, {})[kind] = os.path.join(base, name)
     out = []
     for name, folders in sorted(items.items()):
-        metas = {k: _read_json(os.path.join(f, "meta.json")) for k, f in folders.items()}
-        first = metas.get("full") or metas["close"]
-        if any(m.get("window_check", {}).get("status") != "ok" for m in metas.values()):
+        infos = {k: goodvibes.load_pass(f) for k, f in folders.items()}
+        if not all(info.window_ok for info in infos.values()):
             skipped["misplaced"] += 1
             continue
         pieces = []
         for modality in MODALITIES:
             for kind in ("full", "close"):
-                if kind in folders:
-                    p = _pass_piece(folders[kind], modality, metas[kind])
-                    if p is not None:
-                        pieces.append(p)
-                        break
+                if kind in infos and modality in infos[kind].modalities:
+                    pieces.append(_sensor_clock_span(infos[kind], modality))
+                    break
         if not pieces:
             skipped["no_samples"] += 1
             continue
-        track_folder = folders.get("full") or folders["close"]
-        site, date = first["location"], first["date"]
-        target, run = first["target_id"], first["run"]
-        out.append(Segment(site=site, date=date, node=str(first["node"]),
-                           group=f"{site}:{date}:pass:{target}.{run}", kind="pass",
-                           target=target, pieces=pieces,
-                           track=_distance_csv(os.path.join(track_folder, "distance.csv")),
+        first = infos.get("full") or infos["close"]
+        if first.distance_m.size == 0:
+            log.warning("%s: no distance.csv (or no fix in it): every window of this pass "
+                        "is left unlabelled", first.path)
+        out.append(Segment(site=first.location, date=first.date, node=first.node,
+                           group=f"{first.location}:{first.date}:pass:{first.target}.{first.run}",
+                           kind="pass", target=first.target, pieces=pieces,
+                           track=DistanceTrack(first.distance_unix_ns, first.distance_m),
                            background_without_gps=False, source=name))
     return out, skipped
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"cannot read {path}: {exc}", path=path) from exc
-
-
-def _sensor_rates(gv_dir: str) -> dict[str, float]:
-    """data-file -> sample-rate-actual from raw/signature_information.csv."""
-    path = os.path.join(gv_dir, "raw", "signature_information.csv")
-    with open(path, newline="") as f:
-        return {r["data-file"]: float(r["sample-rate-actual"]) for r in csv.DictReader(f)}
 
 
 def _gps_tracks(gv_dir: str) -> dict[tuple[str, str, str], DistanceTrack]:
@@ -180,41 +139,28 @@ def noise_segments(gv_dir: str) -> list[Segment]:
         log.warning("%s has no tables/target-run-log.csv: noise recordings skipped "
                     "(their labels need the GPS logs)", gv_dir)
         return []
-    rates = _sensor_rates(gv_dir)
+    rates = goodvibes_noise.signature_rates(os.path.join(gv_dir, "raw"))
     tracks = _gps_tracks(gv_dir)
     by_name: dict[str, Segment] = {}
     for modality in MODALITIES:
-        index = os.path.join(gv_dir, "noise", modality, "noise.csv")
-        if not os.path.exists(index):
+        folder = os.path.join(gv_dir, "noise", modality)
+        if not os.path.exists(os.path.join(folder, "noise.csv")):
             continue
-        with open(index, newline="") as f:
-            rows = list(csv.DictReader(f))
-        for r in rows:
-            if int(r["samples"]) == 0:
+        for info in goodvibes_noise.load_noise(folder):
+            if info.samples == 0:
                 continue
-            _, samples = read_wav(os.path.join(os.path.dirname(index), r["filename"]))
-            samples = np.asarray(samples).reshape(-1)
-            spans = [s.split("/") for s in r["source_spans_utc"].split(";")]
-            files = r["source_files"].split(";")
-            pieces, pos = [], 0
-            for i, ((a, b), src) in enumerate(zip(spans, files)):
-                rate = rates.get(src, float(r["rate"]))
-                t0, t1 = utc_iso_ns(a), utc_iso_ns(b)
-                n = samples.size - pos if i == len(spans) - 1 else int(round((t1 - t0) * rate / 1e9))
-                if n > 0:
-                    pieces.append(Piece(modality, t0, rate, samples[pos:pos + n]))
-                pos += max(n, 0)
-            site, date, node = r["location"], r["date"], r["node-id"]
-            key = f"{site}:{date}:{node}:{r['filename']}"
+            site, date, node = info.location, info.date, info.node
+            filename = os.path.basename(info.path)
+            key = f"{site}:{date}:{node}:{filename}"
             seg = by_name.get(key)
             if seg is None:
                 seg = by_name[key] = Segment(
                     site=site, date=date, node=node,
-                    group=f"{site}:{date}:noise:{r['start'].replace(' ', 'T')}", kind="noise",
-                    target="", pieces=[],
+                    group=f"{site}:{date}:noise:{info.row['start'].replace(' ', 'T')}",
+                    kind="noise", target="", pieces=[],
                     track=tracks.get((site, date, node), DistanceTrack.merge([])),
-                    background_without_gps=True, source=f"noise/{r['filename']}")
-            seg.pieces.extend(pieces)
+                    background_without_gps=True, source=f"noise/{filename}")
+            seg.pieces.extend(info.spans(rates))
     return list(by_name.values())
 
 

@@ -1,6 +1,7 @@
-"""The aligner against a plain-numpy reference on adversarial streams (hypothesis):
-rate drift, timestamp jitter, lost chunks (gaps), NaN bursts and reordering; and
-under hostile rates and times (issue 8): no exception, no hang, other nodes untouched."""
+"""The aligner against its plain-numpy twin (tests/reference.py) on adversarial streams
+(hypothesis): rate drift, timestamp jitter, lost chunks (gaps), NaN bursts and
+reordering; and under hostile rates and times (issue 8): no exception, no hang, other
+nodes untouched."""
 from __future__ import annotations
 
 import signal
@@ -12,48 +13,11 @@ from hypothesis import given, settings, strategies as st
 from edgefuse.runtime.core.aligner import Aligner, AlignerConfig
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import InputError
+from tests import reference
 from tests.aligner_helpers import T0, by_time, contract, stream_chunks
 
 FS = 200.0      # model rate of the one modality under test
 GAP_TOL = 3.0   # AlignerConfig.gap_tolerance
-
-
-def reference_windows(chunks, rate, window_ns, hop_ns, n):
-    """Per window index: (values [n], valid [n]) by np.interp over the delivered samples,
-    never across a gap of more than GAP_TOL periods, NaN making its neighbours invalid."""
-    times, values = [], []
-    last = -np.inf
-    for c in sorted(chunks, key=lambda c: c.t0_ns):
-        t = (c.t0_ns - T0) / 1e9 + np.arange(c.n) / rate
-        keep = t > last + 1e-12
-        times.append(t[keep])
-        values.append(c.samples[keep, 0].astype(np.float64))
-        if keep.any():
-            last = t[keep][-1]
-    t = np.concatenate(times)
-    v = np.concatenate(values)
-    out = {}
-    first_k = int(np.ceil(t[0] * 1e9 / hop_ns))
-    for k in range(first_k, int(t[-1] * 1e9 // hop_ns) + 1):
-        grid = (k * hop_ns + np.arange(n) * 1e9 / FS) / 1e9
-        i = np.searchsorted(t, grid, side="right") - 1
-        inside = (i >= 0) & (i < len(t) - 1) | (grid == t[-1])
-        i = np.clip(i, 0, len(t) - 2)
-        span_ok = (t[i + 1] - t[i]) <= GAP_TOL / rate * (1 + 1e-9)
-        # A grid point on an input sample (within float rounding) reads that sample only.
-        on_left = np.isclose(grid, t[i], rtol=0, atol=1e-9)
-        on_right = np.isclose(grid, t[i + 1], rtol=0, atol=1e-9)
-        both = np.isfinite(v[i]) & np.isfinite(v[i + 1])
-        finite = np.where(on_left, np.isfinite(v[i]),
-                          np.where(on_right, np.isfinite(v[i + 1]), both))
-        vals = np.interp(grid, t, np.where(np.isfinite(v), v, 0.0))
-        valid = inside & span_ok & finite
-        # On a sample next to a NaN, whether the NaN is read depends on rounding; so
-        # does, on the last sample before a gap (or the first after it), whether the
-        # point is on the sample (valid) or just past it (a gap).
-        ambiguous = (on_left | on_right) & (~both | ~span_ok)
-        out[k + T0 // hop_ns] = (np.where(valid, vals, 0.0), valid & ~ambiguous, ambiguous)
-    return out
 
 
 @settings(max_examples=60, deadline=None)
@@ -95,7 +59,8 @@ def test_aligner_matches_reference(seed, drift_ppm, chunk_n, jitter, lost, nan_c
     idx = [w.index for w in windows]
     assert idx == sorted(set(idx)), "windows out of order or emitted twice"
     n = c.modality("a").samples(c.window_ns)
-    ref = reference_windows(chunks, rate, c.window_ns, c.hop_ns, n)
+    ref = reference.aligned_windows(chunks, rate, grid_hz=FS, hop_ns=c.hop_ns, n=n,
+                                    gap_tolerance=GAP_TOL, origin_ns=T0)
     for w in windows:
         exp_vals, exp_valid, ambiguous = ref[w.index]
         cov = exp_valid.mean()

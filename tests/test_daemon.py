@@ -93,8 +93,9 @@ def test_malformed_payloads_are_counted_and_a_silent_modality_turns_missing(tmp_
     daemon = DaemonProcess(tmp_path, _mqtt_args(broker, out, tmp_path / "ob"))
     garbage = [("edgefuse/n1/acoustic", b"{not json"),                 # bad_json
                ("edgefuse/n1/seismic", payload_of(chunks[0])[:51]),    # truncated binary
-               ("edgefuse/n1/acoustic", b'{"t0_ns": 1, "rate_hz": 100.0, "seq": 0, '
-                                        b'"values": [[1, 2]]}'),        # wrong_channels
+               # 2 channels: decoded by the source, refused by the aligner (its check)
+               ("edgefuse/n1/acoustic", b'{"t0_ns": %d, "rate_hz": 100.0, "seq": 0, '
+                                        b'"values": [[1, 2]]}' % chunks[0].t0_ns),
                ("edgefuse/n1/seismic", b'{"t0_ns": "soon"}')]           # bad_fields
     try:
         daemon.wait_ready()
@@ -105,11 +106,14 @@ def test_malformed_payloads_are_counted_and_a_silent_modality_turns_missing(tmp_
                 topic, payload = garbage[(i // 10) % len(garbage)]
                 pub.client.publish(topic, payload, qos=1)
         pub.close()
-        daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
-        n_bad = sum(1 for i in range(len(chunks)) if i % 10 == 5)
-        daemon.wait_metric("edgefuse_source_malformed_total", n_bad)
-        for reason in ("bad_json", "truncated", "wrong_channels", "bad_fields"):
+        bad = [(i // 10) % len(garbage) for i in range(len(chunks)) if i % 10 == 5]
+        n_wrong = bad.count(2)  # the wrong channel count, garbage[2]
+        daemon.wait_metric("edgefuse_source_decoded_total", len(chunks) + n_wrong)
+        daemon.wait_metric("edgefuse_source_malformed_total", len(bad) - n_wrong)
+        for reason in ("bad_json", "truncated", "bad_fields"):
             assert daemon.value("edgefuse_source_malformed_total", reason=reason) >= 1, reason
+        daemon.wait_metric("edgefuse_aligner_wrong_channel_chunks_total", n_wrong)
+        assert n_wrong >= 1
         assert daemon.terminate() == 0
     finally:
         daemon.close()

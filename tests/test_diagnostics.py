@@ -26,7 +26,8 @@ from edgefuse.sensors.live.mqtt_client import MqttSettings
 from edgefuse.runtime.service.simulate import MqttPublisher, simulate
 from edgefuse.sensors.live import serial_framing
 from edgefuse.sensors.live.base import ClockCheck
-from edgefuse.sensors.live.mqtt_source import MqttSourceSettings, make_mqtt_source
+from edgefuse.sensors.live.factory import make_mqtt_source
+from edgefuse.sensors.live.mqtt_source import MqttSourceSettings
 from edgefuse.sensors.live.serial_source import SerialSettings, SerialSource
 from tests.conftest import publish, wait_until
 from tests.daemon_helpers import MODEL, T0, DaemonProcess, synthetic_chunks, write_log
@@ -157,9 +158,9 @@ def test_live_mqtt_source_refuses_seconds_and_keeps_an_old_clock_naming_topic_no
     settings = MqttSourceSettings(mqtt=MqttSettings(host=broker.host, port=broker.port),
                                   receiver="process")
     with caplog.at_level(logging.WARNING, logger="edgefuse.sensors.live.accounting"):
-        with make_mqtt_source(settings, channels={"seismic": 1},
+        with make_mqtt_source(settings, modalities=("seismic",),
                               clock_check=ClockCheck(86400)) as source:
-            assert source.wait_subscribed(5)
+            assert source.wait_connected(5)
             publish(broker, [(_topic("imu7", "seismic"), in_seconds)] * 3
                     + [(_topic("old3", "seismic"), two_days_ago)] * 3
                     + [(_topic("ok1", "seismic"), fine)])
@@ -191,8 +192,8 @@ def test_rate_0_is_unknown_in_json_and_binary_through_a_live_source(broker):
     assert binary_0[8:16] == b"\0" * 8  # rate_hz 0.0 in the header
     settings = MqttSourceSettings(mqtt=MqttSettings(host=broker.host, port=broker.port),
                                   receiver="thread")
-    with make_mqtt_source(settings, channels={"seismic": 1}) as source:
-        assert source.wait_subscribed(5)
+    with make_mqtt_source(settings, modalities=("seismic",)) as source:
+        assert source.wait_connected(5)
         publish(broker, [(_topic("n1", "seismic"), json_0), (_topic("n1", "seismic"), binary_0)])
         got = []
         wait_until(lambda: got.extend(source.read(0.05)) or len(got) >= 2, 10, "two chunks")
@@ -204,18 +205,18 @@ def test_rate_0_is_unknown_in_json_and_binary_through_a_live_source(broker):
 # --- serial warnings name node and modality -------------------------------------------------------
 
 def test_serial_warnings_name_port_node_and_modality(pty_pair, caplog):
+    """(A wrong channel count is the aligner's check: tests/test_sources_checks.py.)"""
     good = _chunk(time.time_ns(), node="s9", modality="imu", rate=100.0)
-    wrong = dataclasses.replace(good, samples=np.zeros((4, 2), np.float32), seq=1)
+    truncated = serial_framing.encode_frame("s9", "imu", wire.encode_binary(good)[:-2])
     with caplog.at_level(logging.WARNING):
         with SerialSource(SerialSettings(device=pty_pair.path, protocol="binary"),
-                          channels={"imu": 1}) as source:
+                          modalities=("imu",)) as source:
             assert source.wait_connected(5)
-            pty_pair.write(serial_framing.encode_chunk_frame(wrong)
-                           + serial_framing.encode_chunk_frame(good))
+            pty_pair.write(truncated + serial_framing.encode_chunk_frame(good))
             wait_until(lambda: source.read(0.05), 5, "the good chunk")
             stats = source.stats()
-    assert stats["malformed"] == {"wrong_channels": 1}
-    (line,) = [r.getMessage() for r in caplog.records if "wrong_channels" in r.getMessage()]
+    assert stats["malformed"] == {"truncated": 1}
+    (line,) = [r.getMessage() for r in caplog.records if "(truncated)" in r.getMessage()]
     assert pty_pair.path in line and "node 's9', modality 'imu'" in line
 
 
@@ -343,8 +344,7 @@ def test_serial_refuses_a_near_miss_modality_naming_port_node_and_the_fix(pty_pa
     chunk = _chunk(time.time_ns(), node="s9", modality="Seismic")
     with caplog.at_level(logging.WARNING):
         with SerialSource(SerialSettings(device=pty_pair.path, protocol="json"),
-                          allowed_modalities=("acoustic", "seismic"),
-                          channels={"seismic": 1}) as source:
+                          modalities=("acoustic", "seismic")) as source:
             assert source.wait_connected(5)
             pty_pair.write(serial_framing.encode_json_line(chunk))
             wait_until(lambda: source.stats()["malformed"], 5, "the refusal")

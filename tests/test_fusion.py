@@ -107,7 +107,7 @@ def test_every_route(model):
     assert [(x.window_start_ns, x.window_end_ns) for x in d] == \
         [(w.start_ns, w.end_ns) for w in windows]
     assert d[1].coverage == {"acoustic": 0.25, "seismic": 1.0}
-    assert fuser.counters() == {
+    assert fuser.stats() == {
         "decisions": {"none": 1, "subset:seismic": 1, "masked": 1, "abstain": 1},
         "batches": {"none": 1, "subset:seismic": 1, "masked": 1}}  # abstain ran nothing
     json.loads(d[2].to_json())  # canonical JSON works for every route
@@ -166,7 +166,7 @@ def test_batch_splitting_equals_one_by_one(model, max_batch):
                  (True, False): "masked"}.get(pattern)
         if route:
             sizes[route] += 1
-    assert batched_fuser.counters()["batches"] == {k: math.ceil(v / max_batch)
+    assert batched_fuser.stats()["batches"] == {k: math.ceil(v / max_batch)
                                                    for k, v in sizes.items()}
 
 

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 from edgefuse.models.labels import (BACKGROUND, IGNORE, VEHICLE, DistanceTrack, LabelRule,
-                                    detection_labels, haversine_m, utc_iso_ns, window_distance)
+                                    detection_labels, haversine_m, window_distance)
 from edgefuse.runtime.core.errors import ConfigError
+# the one parser of the data pack's UTC texts (noise spans), which training now uses
+from edgefuse.sensors.readers._common import utc_to_ns as utc_iso_ns
 
 S = 1_000_000_000
 DATA = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))

@@ -1,4 +1,6 @@
-"""MqttSource against a real Mosquitto: payload formats, bad messages, reconnects, auth, TLS."""
+"""Both MQTT sources (receiver process and thread) against a real Mosquitto: payload
+formats, bad messages, reconnects, auth, TLS. The protocol every live source shares is
+checked in test_sources_contract.py."""
 from __future__ import annotations
 
 import json
@@ -18,10 +20,10 @@ from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.sensors.live.credentials import read_secret
 from edgefuse.runtime.core.errors import ConfigError, TransportError
 from edgefuse.sensors.live.mqtt_client import MqttSettings
-from edgefuse.sensors.live.base import BAD_TOPIC, RejectedPayload, Source
-from edgefuse.sensors.live.mqtt_source import (
-    MqttSource, MqttSourceSettings, TopicPattern, make_mqtt_source,
-)
+from edgefuse.sensors.live.accounting import BAD_TOPIC, RejectedMessage
+from edgefuse.sensors.live.base import Source
+from edgefuse.sensors.live.factory import make_mqtt_source
+from edgefuse.sensors.live.mqtt_source import MqttSourceSettings, MqttThreadSource, TopicPattern
 
 from tests.conftest import Mosquitto, publish, wait_until
 
@@ -55,7 +57,7 @@ def source_for(broker: Mosquitto, receiver: str = "process", **kwargs) -> Source
     return make_mqtt_source(MqttSourceSettings(mqtt=mqtt, receiver=receiver, **kwargs))
 
 
-def read_n(source: MqttSource, n: int, timeout_s: float = 5.0) -> list[Chunk]:
+def read_n(source: Source, n: int, timeout_s: float = 5.0) -> list[Chunk]:
     got: list[Chunk] = []
     deadline = time.monotonic() + timeout_s
     while len(got) < n and time.monotonic() < deadline:
@@ -76,7 +78,7 @@ def test_json_and_binary_payloads_arrive_as_equal_chunks(broker, protocol, recei
     payloads = [wire.encode_json(sent[0]), wire.encode_binary(sent[1], "<i2"),
                 wire.encode_binary(sent[2], "<f4"), wire.encode_json(sent[3])]
     with source_for(broker, receiver, mqtt={"protocol": protocol}) as source:
-        assert source.wait_subscribed(5)
+        assert source.wait_connected(5)
         publish(broker, [(topic(c.node, c.modality), p) for c, p in zip(sent, payloads)])
         got = read_n(source, len(sent))
         stats = source.stats()
@@ -101,7 +103,8 @@ def test_malformed_payloads_are_counted_by_reason_and_skipped(broker, receiver):
         (topic("n1", "acoustic"), truncated),                                    # truncated
         (topic("n1", "acoustic"), wire.MAGIC + b"\x01\x02"),                     # truncated
         (topic("n1", "acoustic"), b"x" * 70_000),                                # oversized
-        (topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=92, channels=2))),  # channels
+        # 2 channels: decoded and delivered; the channel count is the aligner's check
+        (topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=92, channels=2))),
         (topic("n1", "thermal"), wire.encode_json(make_chunk(seq=93))),          # not subscribed
         (topic("n1", "acoustic"), b'{"t0_ns": 1, "seq": 1}'),                    # bad_fields
         (topic("n1", "acoustic"), b"[" * 50_000 + b"]" * 50_000 + b""),          # oversized
@@ -113,20 +116,22 @@ def test_malformed_payloads_are_counted_by_reason_and_skipped(broker, receiver):
         *[(topic("n1", "acoustic"), wire.encode_binary(c, "<i2")) for c in good[1:]],
     ]
     with source_for(broker, receiver, allowed_modalities=("acoustic", "seismic"),
-                    channels={"acoustic": 1}, max_payload_bytes=64_000) as source:
-        assert source.wait_subscribed(5)
+                    max_payload_bytes=64_000) as source:
+        assert source.wait_connected(5)
         publish(broker, items)
         # The subscription names the allowed modalities (edgefuse/+/acoustic, .../seismic):
         # "thermal" and our own "decisions" are never delivered, so never counted.
         wait_until(lambda: source.stats()["received"] == len(items) - 2, 5, "all messages")
-        got = read_n(source, 6)
+        got = read_n(source, 7)
         stats = source.stats()
     assert stats["malformed"] == {"bad_json": 2, "bad_dtype": 1, "truncated": 2,
-                                  "wrong_channels": 1, "bad_fields": 2}
+                                  "bad_fields": 2}
     assert stats["oversized"] == 2 and stats["ignored"] == 0
     assert stats["received"] == len(items) - 2
-    assert stats["decoded"] == 6 and stats["dropped_queue_full"] == 0
-    assert [c.seq for c in got] == [0, 7, 8, 1, 2, 3]
+    assert stats["decoded"] == 7 and stats["dropped_queue_full"] == 0
+    assert [c.seq for c in got] == [0, 92, 7, 8, 1, 2, 3]
+    assert got[1].channels == 2
+    got = [got[0], *got[2:]]
     assert np.isnan(got[1].samples[0, 0]) and np.isinf(got[1].samples[1, 0])
     assert np.isnan(got[2].samples[0, 0]) and got[2].samples[1, 0] == -np.inf
     for g, w in zip([got[0], *got[3:]], good):
@@ -136,7 +141,7 @@ def test_malformed_payloads_are_counted_by_reason_and_skipped(broker, receiver):
 def test_full_queue_drops_the_oldest_and_counts(broker):
     sent = [make_chunk(seq=i) for i in range(7)]
     with source_for(broker, "thread", queue_max=3) as source:
-        assert source.wait_subscribed(5)
+        assert source.wait_connected(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
         wait_until(lambda: source.stats()["decoded"] == 7, 5, "7 decoded chunks")
         got = source.read(0.5)
@@ -150,7 +155,7 @@ def test_process_receiver_pushes_back_instead_of_dropping(broker):
     the pipe, so a slow consumer loses nothing that memory can hold."""
     sent = [make_chunk(seq=i) for i in range(7)]
     with source_for(broker, "process", queue_max=3) as source:
-        assert source.wait_subscribed(5)
+        assert source.wait_connected(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
         wait_until(lambda: source.stats()["received"] == 7, 5, "7 received messages")
         stats = source.stats()
@@ -173,7 +178,7 @@ def test_process_receiver_drops_the_oldest_when_its_bytes_are_full(broker):
     child drops the oldest frames, counts them, and the newest get through."""
     sent = [make_chunk(seq=i, n=12_000) for i in range(12)]  # 48 KB each
     with source_for(broker, "process", queue_max=1, receiver_queue_bytes=1 << 16) as source:
-        assert source.wait_subscribed(5)
+        assert source.wait_connected(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(c)) for c in sent])
         time.sleep(1.0)  # everything reaches the child; nobody reads (nor pumps the pipe)
         got = _drain(source)
@@ -190,11 +195,12 @@ def test_process_receiver_drops_the_oldest_when_its_bytes_are_full(broker):
 @pytest.mark.slow
 def test_reconnects_and_resubscribes_after_broker_restart(broker, receiver):
     with source_for(broker, receiver) as source:
-        assert source.wait_subscribed(5)
+        assert source.wait_connected(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_json(make_chunk(seq=0)))])
         assert [c.seq for c in read_n(source, 1)] == [0]
         broker.stop()
-        wait_until(lambda: not source.connected, 5, "the source to notice the broker is gone")
+        wait_until(lambda: not source.wait_connected(0), 5,
+                   "the source to notice the broker is gone")
         time.sleep(2.0)  # broker down for a while: several reconnect attempts fail
         broker.start()
         wait_until(lambda: source.stats()["subscribed"] >= 2, 10, "re-subscription")
@@ -207,7 +213,7 @@ def test_reconnects_and_resubscribes_after_broker_restart(broker, receiver):
 
 
 def test_read_before_open_raises():
-    source = MqttSource()
+    source = MqttThreadSource()
     with pytest.raises(TransportError, match="before open"):
         source.read(0)
 
@@ -216,7 +222,7 @@ def test_topic_pattern():
     p = TopicPattern("site/+/{modality}/dev/{node}")
     assert p.filter == "site/+/+/dev/+"
     assert p.parse("site/a/imu/dev/watch1") == ("watch1", "imu")
-    with pytest.raises(RejectedPayload) as info:
+    with pytest.raises(RejectedMessage) as info:
         p.parse("site/a/imu/dev/watch1/extra")
     assert info.value.reason == BAD_TOPIC
     for bad in ("edgefuse/{node}", "edgefuse/#/{node}/{modality}", "a/{node}x/{modality}",
@@ -241,7 +247,7 @@ def test_receiver_process_survives_sigterm_and_is_restarted_after_sigkill(broker
     """systemd signals the whole cgroup: the child must wait for its parent's word;
     a child that dies anyway is restarted and its counts are kept."""
     with source_for(broker, "process") as source:
-        assert source.wait_subscribed(5)
+        assert source.wait_connected(5)
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(make_chunk(seq=0)))])
         assert [c.seq for c in read_n(source, 1)] == [0]
         child = source._proc
@@ -249,8 +255,10 @@ def test_receiver_process_survives_sigterm_and_is_restarted_after_sigkill(broker
         time.sleep(0.3)
         assert child.poll() is None, "the receiver must ignore SIGTERM"
         os.kill(child.pid, signal.SIGKILL)
-        wait_until(lambda: source.stats()["receiver_starts"] == 2, 5, "a restarted receiver")
-        assert source.wait_subscribed(5)
+        # read() is what moves a thread-less source along (the daemon calls it every loop)
+        wait_until(lambda: not source.read(0.05) and source.stats()["receiver_starts"] == 2, 5,
+                   "a restarted receiver")
+        assert source.wait_connected(5)
         assert source._proc is not child
         publish(broker, [(topic("n1", "acoustic"), wire.encode_binary(make_chunk(seq=1)))])
         assert [c.seq for c in read_n(source, 1)] == [1]
@@ -270,10 +278,11 @@ def _pid_gone(pid: int) -> bool:
 def test_receiver_process_exits_when_its_parent_is_killed(broker):
     script = ("import sys, time\n"
               "from edgefuse.sensors.live.mqtt_client import MqttSettings\n"
-              "from edgefuse.sensors.live.mqtt_source import MqttSourceSettings, make_mqtt_source\n"
+              "from edgefuse.sensors.live.mqtt_source import MqttSourceSettings\n"
+              "from edgefuse.sensors.live.factory import make_mqtt_source\n"
               "s = make_mqtt_source(MqttSourceSettings(mqtt=MqttSettings(host=sys.argv[1], "
               "port=int(sys.argv[2]))))\n"
-              "s.open(); assert s.wait_subscribed(5)\n"
+              "s.open(); assert s.wait_connected(5)\n"
               "print(s._proc.pid, flush=True); time.sleep(60)\n")
     parent = subprocess.Popen([sys.executable, "-c", script, broker.host, str(broker.port)],
                               stdout=subprocess.PIPE, text=True)
@@ -330,10 +339,10 @@ def test_password_from_systemd_credential(tmp_path, monkeypatch, receiver):
         with source_for(b, receiver, mqtt={"username": "edge",
                                            "password_secret": "credential:wrong"}) as bad:
             wait_until(lambda: bad.stats()["connect_failures"] >= 1, 5, "a refused connect")
-            assert not bad.connected
+            assert not bad.wait_connected(0)
         with source_for(b, receiver, mqtt={"username": "edge",
                                  "password_secret": "credential:mqtt-password"}) as good:
-            assert good.wait_subscribed(5)
+            assert good.wait_connected(5)
             want = make_chunk(seq=5)
             client_items = [(topic("n1", "acoustic"), wire.encode_json(want))]
             publish(b, client_items, configure=lambda c: c.username_pw_set("edge", "pa55word"))
@@ -368,7 +377,7 @@ def test_mutual_tls(tmp_path, receiver):
         tls = {"tls_ca_file": str(pki / "ca.crt"), "tls_cert_file": str(pki / "client.crt"),
                "tls_key_file": str(pki / "client.key")}
         with source_for(b, receiver, mqtt=tls) as source:
-            assert source.wait_subscribed(5), source.stats()
+            assert source.wait_connected(5), source.stats()
             want = make_chunk(seq=9)
             publish(b, [(topic("n1", "acoustic"), wire.encode_binary(want))],
                     configure=_client_tls(pki))
@@ -382,38 +391,3 @@ def _client_tls(pki):
     ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
     ctx.load_cert_chain(str(pki / "client.crt"), str(pki / "client.key"))
     return lambda client: client.tls_set_context(ctx)
-
-
-# --- the Source contract, for every live source -----------------------------------
-def _mqtt_source(request):
-    return source_for(request.getfixturevalue("broker"), "process")
-
-
-def _mqtt_thread_source(request):
-    return source_for(request.getfixturevalue("broker"), "thread")
-
-
-def _serial_source(request):
-    from edgefuse.sensors.live.serial_source import SerialSettings, SerialSource
-    return SerialSource(SerialSettings(device=request.getfixturevalue("pty_pair").path))
-
-
-@pytest.mark.parametrize("make", [_mqtt_source, _mqtt_thread_source, _serial_source],
-                         ids=["mqtt", "mqtt-thread", "serial"])
-def test_source_contract(request, make):
-    source = make(request)
-    with pytest.raises(TransportError):
-        source.read(0)
-    assert not source.connected
-    with source as opened:
-        assert opened is source
-        wait_until(lambda: source.connected, 5, "connected")
-        assert source.read(0) == [] and source.read(0.05) == []
-        stats = source.stats()
-        for key in ("received", "decoded", "delivered", "oversized", "dropped_queue_full",
-                    "reconnects", "disconnects", "malformed", "malformed_total", "queued"):
-            assert key in stats, key
-        assert stats["connected"] is True and stats["malformed"] == {}
-    assert not source.connected
-    source.close()  # closing twice is harmless
-    assert source.read(0) == []  # what was queued stays readable after close

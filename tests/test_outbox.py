@@ -17,7 +17,7 @@ from edgefuse.runtime.core.decision import Decision
 from edgefuse.runtime.core.errors import ConfigError, InputError
 from edgefuse.sensors.live.mqtt_client import MqttSettings
 from edgefuse.runtime.service.outbox import Outbox, OutboxInUseError
-from edgefuse.runtime.service.sinks import JsonlSink, MqttDecisionSink
+from edgefuse.runtime.service.sinks import JsonlSink, MqttDecisionSink, MqttSinkSettings
 
 from tests.conftest import Collector, Mosquitto, free_port, wait_until
 
@@ -138,7 +138,7 @@ def test_mqtt_sink_delivers_and_empties_the_outbox(tmp_path, broker, protocol):
             for i in range(20):
                 sink.write(decision(i, node=f"n{i % 2}"))
             sink.write_many([decision(i, node=f"n{i % 2}") for i in range(20, 30)])
-            assert sink.flush(10), sink.stats()
+            assert sink.drain(10), sink.stats()
             stats = sink.stats()
         wait_until(lambda: len(collector.messages) >= 30, 5, "30 decisions at the subscriber")
     finally:
@@ -153,9 +153,10 @@ def test_mqtt_sink_delivers_after_broker_restart(tmp_path, persistent_broker):
     broker = persistent_broker
     collector = Collector(broker, "edgefuse/+/decisions", session=True, client_id="keeper")
     sink = MqttDecisionSink(tmp_path / "o.db", mqtt_settings(broker))
+    sink.open()
     try:
         sink.write(decision(0))
-        assert sink.flush(5)
+        assert sink.drain(5)
         broker.stop()                                   # SIGTERM: saves the session
         wait_until(lambda: not sink.connected, 5, "the sink to notice")
         for i in range(1, 6):
@@ -163,7 +164,7 @@ def test_mqtt_sink_delivers_after_broker_restart(tmp_path, persistent_broker):
         time.sleep(2.0)                                 # nothing can be acknowledged now
         assert sink.outbox.depth() == 5
         broker.start()
-        assert sink.flush(15), sink.stats()
+        assert sink.drain(15), sink.stats()
         wait_until(lambda: len(collector.messages) >= 6, 10, "all decisions at the subscriber")
         stats = sink.stats()
     finally:
@@ -180,6 +181,7 @@ _PUBLISHER = textwrap.dedent("""
     from edgefuse.runtime.service.sinks import MqttDecisionSink
     sink = MqttDecisionSink(sys.argv[1], MqttSettings(port=int(sys.argv[2]), reconnect_min_s=0.1,
                                                       reconnect_max_s=0.5))
+    sink.open()
     for i in range(8):
         sink.write(Decision("n1", i, i, i + 1, "vehicle", {"vehicle": 1.0}, ("acoustic",), (),
                             "none", {}, "m@1"))
@@ -204,7 +206,7 @@ def test_outbox_delivers_after_sigkill_of_the_publisher(tmp_path):
     try:
         with MqttDecisionSink(tmp_path / "o.db", mqtt_settings(port)) as sink:
             assert sink.outbox.depth() == 8
-            assert sink.flush(10), sink.stats()
+            assert sink.drain(10), sink.stats()
         wait_until(lambda: len(collector.messages) >= 8, 5, "8 decisions at the subscriber")
     finally:
         collector.close()
@@ -219,13 +221,13 @@ def test_refused_publishes_stay_in_the_outbox_and_are_retried(tmp_path):
                                                            f"acl_file {acl}"))
     broker.start()
     try:
-        sink = MqttDecisionSink(tmp_path / "o.db", mqtt_settings(broker), retry_min_s=0.1,
-                                retry_max_s=0.2)
+        sink = MqttDecisionSink(tmp_path / "o.db", mqtt_settings(broker),
+                                MqttSinkSettings(retry_min_s=0.1, retry_max_s=0.2))
         with sink:
             for i in range(3):
                 sink.write(decision(i))
             wait_until(lambda: sink.stats()["rejected"] >= 6, 10, "refusals and retries")
-            assert not sink.flush(0.5)
+            assert not sink.drain(0.5)
             stats = sink.stats()
     finally:
         broker.stop(kill=True)
@@ -234,7 +236,8 @@ def test_refused_publishes_stay_in_the_outbox_and_are_retried(tmp_path):
 
 def test_decision_topic_is_checked(tmp_path):
     with pytest.raises(ConfigError):
-        MqttDecisionSink(tmp_path / "o.db", MqttSettings(), topic="edgefuse/+/decisions")
+        MqttDecisionSink(tmp_path / "o.db", MqttSettings(),
+                         MqttSinkSettings(topic="edgefuse/+/decisions"))
 
 
 def test_a_second_outbox_on_the_same_file_is_refused_until_the_first_closes(tmp_path):

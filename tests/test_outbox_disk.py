@@ -24,7 +24,7 @@ from edgefuse.runtime.core.decision import Decision
 from edgefuse.sensors.live.mqtt_client import MqttSettings
 from edgefuse.runtime.service.outbox import Outbox
 from edgefuse.runtime.service.simulate import MqttPublisher, simulate
-from edgefuse.runtime.service.sinks import MqttDecisionSink
+from edgefuse.runtime.service.sinks import MqttDecisionSink, MqttSinkSettings
 from tests.conftest import Collector, wait_until
 from tests.daemon_helpers import MODEL, DaemonProcess, replay_text, synthetic_chunks, write_log
 
@@ -125,10 +125,12 @@ def test_mqtt_sink_on_a_full_disk_never_republishes_and_recovers(small_fs, persi
                           client_id="disk-collector")
     settings = MqttSettings(host=broker.host, port=broker.port, reconnect_min_s=0.1,
                             reconnect_max_s=0.5)
-    sink = MqttDecisionSink(small_fs / "o.db", settings, retry_min_s=0.1, retry_max_s=0.5)
+    sink = MqttDecisionSink(small_fs / "o.db", settings,
+                            MqttSinkSettings(retry_min_s=0.1, retry_max_s=0.5))
+    sink.open()
     try:
         sink.write_many([decision(i) for i in range(5)])
-        assert sink.flush(10), sink.stats()
+        assert sink.drain(10), sink.stats()
         wait_until(lambda: len(collector.payloads()) >= 5, 10, "the first decisions")
         broker.stop()                                   # SIGTERM: keeps the collector's session
         wait_until(lambda: not sink.connected, 10, "the sink to notice the broker is gone")
@@ -154,7 +156,7 @@ def test_mqtt_sink_on_a_full_disk_never_republishes_and_recovers(small_fs, persi
 
         filler.unlink()                                 # space is back
         sink.write_many([decision(i) for i in range(45, 50)])
-        assert sink.flush(10), sink.stats()
+        assert sink.drain(10), sink.stats()
         wait_until(lambda: sink.stats()["outbox_acks_pending"] == 0, 10,
                    "the kept deletes to be done")
         wait_until(lambda: len(collector.payloads()) >= 20, 10, "the new decisions")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgefuse.runtime.core.errors import InputError
-from edgefuse.sensors.readers import goodvibes, sphar
+from edgefuse.sensors.readers import goodvibes, goodvibes_noise, sphar
 from edgefuse.sensors.readers._common import OfflineSource, StreamInfo, offset_ns, seconds_to_ns, utc_to_ns
 from edgefuse.sensors.readers.inputs import InputSet, open_inputs
 from edgefuse.sensors.readers.wavfile import WavReader, read_wav, read_wav_info
@@ -250,7 +250,7 @@ def test_folder_of_raw_wavs_and_sidecar_path():
 
 # --------------------------------------------------------------- noise WAVs
 def test_noise_wav_and_empty_noise():
-    rows = goodvibes.load_noise(os.path.join(GV, "noise", "seismic"))
+    rows = goodvibes_noise.load_noise(os.path.join(GV, "noise", "seismic"))
     assert len(rows) == 2
     full = next(r for r in rows if r.samples)
     assert full.t0_ns == utc_to_ns("2023-04-11T15:22:10.447") and full.rate_hz == 1576
@@ -259,6 +259,46 @@ def test_noise_wav_and_empty_noise():
     assert sum(c.n for c in chunks) == full.samples == 80376
     empty = os.path.join(GV, "noise", "acoustic", "node-123_location-bprf_noise-3.wav")
     assert list(open_inputs(empty).chunks()) == []
+
+
+def test_noise_spans_keep_each_source_file_time_and_rate(tmp_path):
+    """Training reads a noise window as one span per source file: its own t0, its file's
+    measured rate (signature_information.csv), the header rate (nominal) without it."""
+    full = next(r for r in goodvibes_noise.load_noise(os.path.join(GV, "noise", "seismic"))
+                if r.samples)
+    (span,) = full.spans()
+    assert (span.node, span.modality, span.t0_ns, span.rate_hz, span.rate_is_nominal) == \
+        ("123", "seismic", full.t0_ns, 1576.0, True)
+    (span,) = full.spans({full.source_files[0]: 1576.215})
+    assert span.rate_hz == 1576.215 and not span.rate_is_nominal
+    assert sum(c.n for c in span.chunks(1.0)) == full.samples
+    # a spliced window: the second file's samples start at its own t0 and rate
+    shutil.copy(full.path, tmp_path / os.path.basename(full.path))
+    row = dict(full.row, source_files="A.wav;B.wav", spliced="true",
+               source_spans_utc="2023-04-11T15:22:10.447/2023-04-11T15:22:20.447;"
+                                "2023-04-11T15:22:30.000/2023-04-11T15:23:01.000")
+    with open(tmp_path / "noise.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        w.writeheader()
+        w.writerow(row)
+    (spliced,) = goodvibes_noise.load_noise(tmp_path)
+    a, b = spliced.spans({"A.wav": 1576.0, "B.wav": 1575.5})
+    assert (a.first, a.frames, a.t0_ns) == (0, 15760, utc_to_ns("2023-04-11T15:22:10.447"))
+    assert (b.first, b.frames, b.t0_ns, b.rate_hz) == \
+        (15760, 80376 - 15760, utc_to_ns("2023-04-11T15:22:30"), 1575.5)
+    ca, cb = list(a.chunks(1.0)), list(b.chunks(1.0, seq0=100))
+    assert cb[0].t0_ns == b.t0_ns and cb[0].seq == 100
+    assert cb[3].t0_ns == b.t0_ns + offset_ns(3 * 1576, 1575.5)  # round(1.0 s x 1575.5) = 1576
+    _, wav = read_wav(full.path)
+    np.testing.assert_array_equal(np.concatenate([c.samples for c in ca + cb]), wav)
+
+
+def test_signature_rates():
+    rates = goodvibes_noise.signature_rates(RAW)
+    assert rates[os.path.basename(RAW_SE)] == 1528.3
+    assert set(rates) == {os.path.basename(RAW_AC), os.path.basename(RAW_SE)}
+    with pytest.raises(InputError, match="signature_information.csv"):
+        goodvibes_noise.signature_rates(CLOSE)
 
 
 # --------------------------------------------------------------- sp-sw-har
@@ -274,6 +314,20 @@ def test_sphar_execution_matches_the_csv():
         np.testing.assert_array_equal(t, df["timestamp"].to_numpy() * 10**6)
         np.testing.assert_array_equal(v, df.iloc[:, :6].to_numpy(np.float32))
         assert labels == df["label"].tolist()
+
+
+def test_sphar_executions_for_training():
+    executions = sphar.find_executions(SPHAR)
+    assert [(e.name, e.subject) for e in executions] == [("s15_04", "s15"), ("s15_07", "s15")]
+    ex = executions[0]
+    assert [os.path.basename(p) for p in ex.paths] == ["s15_04_sp.csv", "s15_04_sw.csv"]
+    assert [s.label for s in ex.sources(1.0)] == \
+        [s.label for s in open_inputs(SP_04).sources]  # the sources replay reads
+    times, labels = ex.activity_rows()
+    both = sphar.load_execution(SP_04)
+    np.testing.assert_array_equal(times, np.concatenate([both["imu_phone"][0],
+                                                         both["imu_watch"][0]]))
+    assert labels == both["imu_phone"][2] + both["imu_watch"][2]
 
 
 def test_sphar_chunks():

@@ -72,10 +72,11 @@ def test_oversized_header_is_refused_at_once_and_the_next_frame_decoded():
     got = parser.feed(lying_header(200_000) + b"".join(encode_chunk_frame(c) for c in good))
     assert [c.seq for c in got] == [0, 1] and all(same(g, c) for g, c in zip(got, good))
     assert parser.errors == {"oversized": 1}
-    news = parser.take_news()
-    assert news.keys() == {"oversized"} and news["oversized"][0] == 1
-    assert "200018 bytes" in news["oversized"][1] and "max_frame_bytes 4096" in news["oversized"][1]
-    assert parser.take_news() == {}  # handed out once
+    news = parser.take_stream_news()  # refused at the header: no node/modality read yet
+    (count, detail), = news.values()
+    assert news.keys() == {("oversized", None, None)} and count == 1
+    assert "200018 bytes" in detail and "max_frame_bytes 4096" in detail
+    assert parser.take_stream_news() == {}  # handed out once
 
 
 def test_stalled_frame_times_out_and_a_frame_inside_it_is_found():
@@ -87,7 +88,7 @@ def test_stalled_frame_times_out_and_a_frame_inside_it_is_found():
     assert parser.poll(10.9) == [] and parser.errors == {}
     got = parser.poll(11.1)
     assert [c.seq for c in got] == [1] and parser.errors == {"frame_timeout": 1}
-    assert "started but only" in parser.take_news()["frame_timeout"][1]
+    assert "started but only" in parser.take_stream_news()[("frame_timeout", None, None)][1]
     assert parser.feed(good)[0].seq == 1 and len(parser._buf) == 0
 
 

@@ -18,7 +18,7 @@ close the same windows with the same data. Memory is bounded by the
 per-stream ring, sized for ``max_lead_ns``; a stream that runs further ahead
 forces older windows out (counted in ``forced_windows``).
 
-Clocks (issue 11, details in ``edgefuse.runtime.core.stream``): each stream detects
+Clocks (issue 11, details in ``edgefuse.runtime.core.clock``): each stream detects
 steps of its own clock (``clock_steps``; the windows spanning one carry reason
 ``clock_step``), measures its rate from the progress of t0 (``rate_mismatch``
 when a declared rate disagrees; ``drift_ppm`` for every stream), and its offset
@@ -51,7 +51,8 @@ from edgefuse.runtime.core.chunk import T0_MAX_NS, Chunk
 from edgefuse.runtime.core.contract import ModelContract
 from edgefuse.runtime.core.errors import ConfigError
 from edgefuse.runtime.core.ratelimit import WarnLimiter
-from edgefuse.runtime.core.stream import BAD_RATE, BAD_TIME, Y2000_NS, StreamState, refusal
+from edgefuse.runtime.core.rates import BAD_RATE, BAD_TIME, Y2000_NS, refusal
+from edgefuse.runtime.core.stream import StreamState
 from edgefuse.runtime.core.window import (REASON_CLIPPED, REASON_CLOCK_STEP, REASON_FLATLINE,
                                      REASON_GAP, REASON_NAN, REASON_NO_STREAM, REASON_STUCK,
                                      Window)
@@ -84,7 +85,7 @@ class AlignerConfig:
     evict_after_s: float = 600.0
     probation_chunks: int = 8
     allowed_nodes: tuple[str, ...] = ()     # fnmatch patterns of node names; empty: any
-    # Clocks and units (issue 11; runtime/core/stream.py's docstring has the model).
+    # Clocks and units (issue 11; runtime/core/clock.py's docstring has the model).
     max_lead_ns: int = 6_000_000_000        # how far a stream may lag the node's newest data
     # before its windows close without it (a clock stepped by up to ~5 s on one stream
     # then costs the others nothing); rings hold max(max_wait_ns, max_lead_ns)
@@ -173,7 +174,7 @@ class Aligner:
         self._stats = np.zeros(6)  # scratch for the window-stats kernel
         self._warner = WarnLimiter(log)
         self._notes = WarnLimiter(log, level=logging.INFO)
-        self.counters = {"windows": 0, "empty_windows_skipped": 0, "forced_windows": 0,
+        self._counters = {"windows": 0, "empty_windows_skipped": 0, "forced_windows": 0,
                          "unknown_modality_chunks": 0, "wrong_channel_chunks": 0,
                          "too_many_nodes_chunks": 0, "not_allowed_chunks": 0,
                          BAD_RATE: 0, BAD_TIME: 0, "evicted_nodes": 0, "displaced_nodes": 0}
@@ -186,8 +187,12 @@ class Aligner:
                                 f"the model has no modality {chunk.modality!r} (it has "
                                 f"{sorted(self._specs)})")
         if chunk.channels != spec.channels:
+            # The one owner of this check, live and in replay alike: sources and
+            # replay pass such chunks on, so both count them here, with one warning.
             return self._refuse("wrong_channel_chunks", chunk,
-                                f"expected {spec.channels} channel(s), found {chunk.channels}")
+                                f"expected {spec.channels} channel(s) (the model's contract), "
+                                f"found {chunk.channels}; fix the sender, or use the model "
+                                "trained for this sensor layout")
         node = self._nodes.get(chunk.node)
         if node is None and not self._allowed(chunk.node):
             return self._refuse("not_allowed_chunks", chunk,
@@ -237,7 +242,7 @@ class Aligner:
     def stats(self) -> dict:
         streams = {f"{n.name}/{m}": s.counters.as_dict()
                    for n in self._nodes.values() for m, s in n.streams.items()}
-        return {"aligner": dict(self.counters), "streams": streams}
+        return {"aligner": dict(self._counters), "streams": streams}
 
     # -- nodes: admission, probation, eviction ------------------------------
     # A node is probationary until it has pushed probation_chunks chunks, then
@@ -260,7 +265,7 @@ class Aligner:
             # Its buffered data is dropped, not flushed into windows: it is the
             # least proven name, and deciding windows of a flood of names would
             # spend the inference a real node needs.
-            self.counters["displaced_nodes"] += 1
+            self._counters["displaced_nodes"] += 1
             self._warner.warn(("displaced",), "node %r displaced to admit node %r: max_nodes=%d "
                              "reached; it had sent %d chunk(s)", victim, name,
                              self.config.max_nodes, self._nodes[victim].chunks)
@@ -313,7 +318,7 @@ class Aligner:
             for stream in node.streams.values():
                 stream.flush()
             self._emit_ready(node, final=True)
-            self.counters["evicted_nodes"] += 1
+            self._counters["evicted_nodes"] += 1
             self._notes.warn(("evicted",), "node %r evicted: silent for more than %g s of data "
                              "time (aligner.evict_after_s); its windows were emitted",
                              node.name, self.config.evict_after_s)
@@ -338,7 +343,7 @@ class Aligner:
 
     def _refuse(self, counter: str, chunk: Chunk, why: str) -> list[Window]:
         """Count and warn about a chunk refused before it reaches a stream."""
-        self.counters[counter] += 1
+        self._counters[counter] += 1
         node = self._nodes.get(chunk.node)
         stream = node.streams.get(chunk.modality) if node is not None else None
         if stream is not None and counter in (BAD_RATE, BAD_TIME):
@@ -466,7 +471,7 @@ class Aligner:
             if skip_to is not None and skip_to > k:
                 node.next_k = skip_to
                 continue
-            self.counters["forced_windows"] += 1
+            self._counters["forced_windows"] += 1
             if self._emit(node, k):
                 node.next_k = k + 1
                 continue
@@ -605,9 +610,9 @@ class Aligner:
             if reason is not None:
                 reasons[name] = reason
         if not any_data:
-            self.counters["empty_windows_skipped"] += 1
+            self._counters["empty_windows_skipped"] += 1
             return False
-        self.counters["windows"] += 1
+        self._counters["windows"] += 1
         self._out.append(Window(node.name, k, start, start + c.window_ns, data, present,
                                 reasons, coverage))
 

@@ -18,7 +18,7 @@ from edgefuse.runtime.core.errors import InputError
 # Rates: finite, >= RATE_MIN_HZ and < RATE_MAX_HZ. One sample per 1000 s is no
 # sensor stream, and a subnormal or tiny rate makes one sample span an absurd
 # time (5e-324 Hz overflows n / rate to inf). The aligner narrows the range
-# further per modality (see ``edgefuse.runtime.core.stream.rate_range``).
+# further per modality (see ``edgefuse.runtime.core.rates.rate_range``).
 RATE_MIN_HZ = 1e-3
 RATE_MAX_HZ = 1e7
 # Times: [0, 2**62) ns, i.e. 1970 .. year 2116. Negative device times are no

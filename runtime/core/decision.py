@@ -29,6 +29,10 @@ class Decision:
     consumers deduplicate on it, and a window decided again after a crash
     carries the same key. Only a model with another hop_ns, deployed by a
     restart, numbers windows anew; ``window_start_ns`` tells those apart.
+
+    ``received_ns`` and ``closed_by`` are copied from the window (see Window):
+    when and by which chunk it was closed, for latency. Not data: not in the
+    JSON, not compared.
     """
 
     node: str
@@ -43,6 +47,8 @@ class Decision:
     missing_reason: dict[str, str]
     model: str
     coverage: dict[str, float] = field(default_factory=dict)
+    received_ns: int | None = field(default=None, compare=False, repr=False)
+    closed_by: tuple[str, str, int] | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict:
         return {

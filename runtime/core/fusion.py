@@ -49,12 +49,12 @@ class Fuser:
         self.contract = model.contract
         self.abstain_below = float(abstain_below)
         self.max_batch = max_batch
-        self.routes: Counter[str] = Counter()   # decisions per fallback value
-        self.batches: Counter[str] = Counter()  # ORT calls per route
+        self._routes: Counter[str] = Counter()   # decisions per fallback value
+        self._batches: Counter[str] = Counter()  # ORT calls per route
 
-    def counters(self) -> dict[str, dict[str, int]]:
+    def stats(self) -> dict[str, dict[str, int]]:
         """Decisions and ORT calls per route, for metrics."""
-        return {"decisions": dict(self.routes), "batches": dict(self.batches)}
+        return {"decisions": dict(self._routes), "batches": dict(self._batches)}
 
     def decide(self, windows: Sequence[Window]) -> list[Decision]:
         """One decision per window, in input order."""
@@ -73,7 +73,7 @@ class Fuser:
             for lo in range(0, len(idx), self.max_batch):
                 part = idx[lo:lo + self.max_batch]
                 probs = self._run(model, present, [windows[i] for i in part])
-                self.batches[tag] += 1
+                self._batches[tag] += 1
                 for row, i in enumerate(part):
                     scores[i] = probs[row]
                     route[i] = tag
@@ -124,10 +124,11 @@ class Fuser:
             label = labels[top]
             if missing and float(probs[top]) < self.abstain_below:
                 label, route = None, FALLBACK_ABSTAIN
-        self.routes[route] += 1
+        self._routes[route] += 1
         return Decision(
             node=w.node, seq=int(w.index), window_start_ns=int(w.start_ns),
             window_end_ns=int(w.end_ns),
             label=label, scores=scores, used=present, missing=missing, fallback=route,
             missing_reason={m: w.missing_reason.get(m, UNKNOWN_REASON) for m in missing},
-            model=self.contract.ident, coverage=dict(w.coverage))
+            model=self.contract.ident, coverage=dict(w.coverage),
+            received_ns=w.received_ns, closed_by=w.closed_by)

@@ -1,14 +1,18 @@
 """Numba kernels of the aligner. Small, private, ``cache=True``, no fastmath.
 
-Each has a plain-numpy twin in tests/reference.py and is compared with it on
-random and adversarial input. Compilation happens on first call (never at
-import); ``warm_up()`` compiles them all before a daemon reports ready.
+Each has a plain-numpy twin in tests/reference.py (``TWINS``) and is compared
+with it on random and adversarial input; tests/test_kernels.py fails on a kernel
+without a twin, and runs each kernel's Python too (``py_func``). Compilation
+happens on first call (never at import); ``warm_up()`` compiles them all before a
+daemon reports ready.
 
 Grid convention: a stream's output grid index g is the sample index on the
 model's rate, counted from the stream's anchor. Input sample i of a segment
 sits at the fractional grid position p0 + i * step (step = rate_out/rate_in).
 
-Status codes of ring samples: 0 = no data (gap), 1 = valid, 2 = non-finite input.
+Status codes of ring samples (``status`` arrays, uint8): STATUS_GAP (no data),
+STATUS_VALID, STATUS_NONFINITE (the input there was NaN/inf). Numba reads these
+module globals as compile-time constants.
 """
 from __future__ import annotations
 
@@ -17,9 +21,9 @@ import math
 import numpy as np
 from numba import njit
 
-STATUS_GAP = 0
+STATUS_GAP = 0        # no data
 STATUS_VALID = 1
-STATUS_NONFINITE = 2
+STATUS_NONFINITE = 2  # the input was NaN/inf; the value there is 0
 
 
 @njit(cache=True)
@@ -95,7 +99,7 @@ def _resample_into(x, prev, prev_pos, has_prev, p0, step, g_lo, g_hi, ring, stat
                 else:
                     ring[c, k] = 0.0
                     ok = False
-            status[k] = 1 if ok else 2
+            status[k] = STATUS_VALID if ok else STATUS_NONFINITE
             written += 1
         g += 1
         k += 1
@@ -118,10 +122,10 @@ def _resample_into(x, prev, prev_pos, has_prev, p0, step, g_lo, g_hi, ring, stat
                 v = a if frac == 0.0 else a + (xs[i + 1] - a) * frac
             if math.isfinite(v):
                 r[k] = v
-                status[k] = 1
+                status[k] = STATUS_VALID
             else:
                 r[k] = 0.0
-                status[k] = 2
+                status[k] = STATUS_NONFINITE
             k += 1
             if k == cap:
                 k = 0
@@ -143,7 +147,7 @@ def _resample_into(x, prev, prev_pos, has_prev, p0, step, g_lo, g_hi, ring, stat
             else:
                 ring[c, k] = 0.0
                 ok = False
-        status[k] = 1 if ok else 2
+        status[k] = STATUS_VALID if ok else STATUS_NONFINITE
         k += 1
         if k == cap:
             k = 0
@@ -165,7 +169,7 @@ def _mark_gap(status, g_lo, g_hi):
     """Mark grid indices [g_lo, g_hi) as gap (no data) in the ring's status."""
     cap = status.shape[0]
     for g in range(g_lo, g_hi):
-        status[g % cap] = 0
+        status[g % cap] = STATUS_GAP
 
 
 @njit(cache=True)
@@ -187,9 +191,9 @@ def _window_stats(ring, status, g_lo, n, full_scale, out, stats):
     k = k0
     for j in range(n):
         s = status[k]
-        if s == 1:
+        if s == STATUS_VALID:
             n_valid += 1
-        elif s == 2:
+        elif s == STATUS_NONFINITE:
             n_nonfinite += 1
         else:
             n_gap += 1
@@ -208,7 +212,7 @@ def _window_stats(ring, status, g_lo, n, full_scale, out, stats):
         last = 0.0
         k = k0
         for j in range(n):
-            if status[k] != 1:
+            if status[k] != STATUS_VALID:
                 out[c, j] = 0.0
                 have_last = False
                 run = 0

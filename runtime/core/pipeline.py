@@ -4,6 +4,12 @@ Replay, the live daemon and the benchmarks all drive this one object; there
 is no second path. It has no threads and does no I/O: the caller pushes
 chunks and calls ``poll()`` when its input is idle (live) so that a partial
 batch waits at most ``max_wait_s``.
+
+Decisions are numbered and attributed here, not by the caller: ``seq`` is
+the window index (so a model swap keeps the numbering with nothing carried
+over), and every window a push emits carries that chunk's receipt time and
+identity (``Window.received_ns``, ``closed_by``, copied onto its Decision),
+from which the daemon measures latency however windows wait for a batch.
 """
 from __future__ import annotations
 
@@ -51,6 +57,10 @@ class Pipeline:
         windows = self.aligner.push(chunk)
         self.timing["align_s"] += time.perf_counter() - t
         if windows:
+            closed_by = (chunk.node, chunk.modality, chunk.seq)
+            for w in windows:  # this chunk closed them (other nodes' too: evictions)
+                w.received_ns = chunk.received_ns
+                w.closed_by = closed_by
             if not self._pending:
                 self._pending_since = self._clock()
             self._pending.extend(windows)
@@ -66,7 +76,8 @@ class Pipeline:
         return []
 
     def flush(self) -> list[Decision]:
-        """End of input: emit every remaining window and decide it."""
+        """End of input: emit every remaining window and decide it (the windows no
+        chunk closed carry received_ns None)."""
         t = time.perf_counter()
         self._pending.extend(self.aligner.flush())
         self.timing["align_s"] += time.perf_counter() - t
@@ -85,7 +96,7 @@ class Pipeline:
 
     def stats(self) -> dict:
         out = self.aligner.stats()
-        out["fusion"] = self.fuser.counters()
+        out["fusion"] = self.fuser.stats()
         out["timing"] = dict(self.timing)
         return out
 

@@ -1,7 +1,7 @@
 """An aligned window of one node: what the aligner emits and inference consumes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -11,7 +11,6 @@ REASON_NAN = "nan"            # the data holds NaN/inf
 REASON_FLATLINE = "flatline"  # constant signal
 REASON_STUCK = "stuck"        # long runs of one repeated value
 REASON_CLIPPED = "clipped"    # too many samples at the sensor's full scale
-REASON_LATE = "late"          # data arrived after the window had to be emitted
 REASON_NO_STREAM = "no_stream"  # the node has never sent this modality
 REASON_CLOCK_STEP = "clock_step"  # the stream's clock stepped inside the window
 
@@ -24,6 +23,12 @@ class Window:
     samples without data are 0 there. present[m] is False when m is missing,
     and then missing_reason[m] says why. coverage[m] is the fraction of the
     window's grid samples that had valid data.
+
+    received_ns and closed_by say which pushed chunk emitted the window (the
+    Pipeline stamps them; not data, not compared): the CLOCK_MONOTONIC ns at
+    which a live source received that chunk (None offline) and its (node,
+    modality, seq). The daemon measures decision latency from them. Windows
+    emitted by the end of input (flush) carry None for both.
     """
 
     node: str
@@ -34,3 +39,5 @@ class Window:
     present: dict[str, bool]
     missing_reason: dict[str, str]
     coverage: dict[str, float]
+    received_ns: int | None = field(default=None, compare=False, repr=False)
+    closed_by: tuple[str, str, int] | None = field(default=None, compare=False, repr=False)

@@ -8,8 +8,9 @@ checked at start, the error naming the full key and what is allowed:
 
 ``edgefuse run`` works without a file: ``load_config(None, overrides)``
 returns the defaults with the command-line values applied. The settings of
-the transports reuse their own classes (MqttSettings, MqttSourceSettings,
-SerialSettings, AlignerConfig), which check their own ranges.
+the transports and sinks reuse their own classes (MqttSettings,
+MqttSourceSettings, SerialSettings, AlignerConfig, SinkSettings), which
+check their own ranges.
 """
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ from typing import Any, Union
 
 from edgefuse.runtime.core.errors import ConfigError
 from edgefuse.sensors.live.mqtt_client import MqttSettings
-from edgefuse.runtime.service.outbox import DEFAULT_MAX_ROWS, SYNC_MODES
 from edgefuse.runtime.core.pipeline import PipelineConfig
-from edgefuse.runtime.service.sinks import DEFAULT_DECISION_TOPIC
+from edgefuse.runtime.service.sinks import SinkSettings
 from edgefuse.sensors.live.base import CLOCK_OFFSET_ACTIONS
 from edgefuse.sensors.live.mqtt_source import MqttSourceSettings
 from edgefuse.sensors.live.serial_source import SerialSettings
@@ -53,52 +53,6 @@ class ModelSettings:
             raise ConfigError(f"providers = {list(self.providers)!r} is not allowed; allowed: "
                               f"a non-empty list of {list(PROVIDERS)}")
         _check_range("threads", self.threads, 1, 256)
-
-
-@dataclass(frozen=True)
-class MqttSinkSettings:
-    enabled: bool = True
-    topic: str = DEFAULT_DECISION_TOPIC
-    outbox: str = ""                     # "" -> $STATE_DIRECTORY/outbox.sqlite or XDG state
-    max_rows: int = DEFAULT_MAX_ROWS
-    synchronous: str = "full"
-    max_inflight: int = 20
-    retry_min_s: float = 0.5
-    retry_max_s: float = 30.0
-    mqtt: MqttSettings | None = None     # None -> the daemon's [mqtt] connection
-
-    def __post_init__(self) -> None:
-        if "{node}" not in self.topic or any(c in self.topic for c in "+#"):
-            raise ConfigError(f"topic = {self.topic!r} is not allowed; it must contain "
-                              "{node} and no wildcards")
-        if self.synchronous not in SYNC_MODES:
-            raise ConfigError(f"synchronous = {self.synchronous!r} is not allowed; allowed: "
-                              f"{list(SYNC_MODES)}")
-        _check_range("max_rows", self.max_rows, 1, 100_000_000)
-        _check_range("max_inflight", self.max_inflight, 1, 1000)
-        if not 0 < self.retry_min_s <= self.retry_max_s <= 3600:
-            raise ConfigError(f"retry_min_s = {self.retry_min_s!r}, retry_max_s = "
-                              f"{self.retry_max_s!r}: allowed 0 < retry_min_s <= retry_max_s "
-                              "<= 3600")
-
-
-@dataclass(frozen=True)
-class JsonlSinkSettings:
-    path: str = ""                       # "" -> no JSONL file
-    fsync: bool = False
-    append: bool = True
-
-
-@dataclass(frozen=True)
-class StdoutSinkSettings:
-    enabled: bool = False
-
-
-@dataclass(frozen=True)
-class SinkSettings:
-    mqtt: MqttSinkSettings = field(default_factory=MqttSinkSettings)
-    jsonl: JsonlSinkSettings = field(default_factory=JsonlSinkSettings)
-    stdout: StdoutSinkSettings = field(default_factory=StdoutSinkSettings)
 
 
 @dataclass(frozen=True)

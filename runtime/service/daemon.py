@@ -38,7 +38,6 @@ import logging
 import signal
 import threading
 import time
-from collections import deque
 from pathlib import Path
 
 from edgefuse.runtime.core import kernels
@@ -50,7 +49,7 @@ from edgefuse.runtime.core.inference import OnnxModel
 from edgefuse.runtime.core.info import bundled_model_path
 from edgefuse.runtime.service.metrics import DaemonMetrics
 from edgefuse.runtime.core.pipeline import Pipeline
-from edgefuse.runtime.service.sinks import JsonlSink, MqttDecisionSink, Sink
+from edgefuse.runtime.service.sinks import Sink, make_sinks
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +84,7 @@ class Daemon:
         self.metrics = DaemonMetrics()
         self.metrics_port: int | None = None
         self.sources: list = []
-        self.sinks: list[tuple[str, Sink]] = []
-        self.mqtt_sink: MqttDecisionSink | None = None
+        self.sinks: list[Sink] = []
         self.pipeline: Pipeline | None = None
         self.recorder = None
         self.health = Health(self.notifier)
@@ -101,7 +99,6 @@ class Daemon:
         self._reload = threading.Event()
         self._reloaded: list = []            # [OnnxModel | Exception] from the reload thread
         self._reload_thread: threading.Thread | None = None
-        self._arrivals: deque = deque()      # per pending window: (arrival ns, closing chunk)
         # (node, modality) -> CLOCK_MONOTONIC ns of its last chunk's arrival; pruned to
         # the aligner's streams at every snapshot (edgefuse_stream_last_seen_age_seconds)
         self._last_seen: dict[tuple[str, str], int] = {}
@@ -168,10 +165,10 @@ class Daemon:
         self.metrics.set_state(ready=True)
         metrics = (f"http://{cfg.metrics.host}:{self.metrics_port}/metrics"
                    if self.metrics_port is not None else "off")
-        sources = [name + (" (not connected yet)" if name in self._pending else "")
-                   for name in map(self._source_name, self.sources)]
+        sources = [src.name + (" (not connected yet)" if src.name in self._pending else "")
+                   for src in self.sources]
         log.info("ready: model %s, sources %s, sinks %s, metrics %s", model.contract.ident,
-                 sources, [name for name, _ in self.sinks], metrics)
+                 sources, [sink.name for sink in self.sinks], metrics)
         self.notifier.notify("READY=1", self._status())
 
     def _status(self) -> str:
@@ -181,58 +178,21 @@ class Daemon:
         return status
 
     def _open_sinks(self) -> None:
-        cfg = self.config
-        # The outbox first: its lock refuses a second daemon before that daemon
-        # truncates a JSONL file the first one is writing.
-        s = cfg.sink.mqtt
-        if s.enabled:
-            path = cfg.outbox_path()
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"cannot create the outbox folder {path.parent}: "
-                                  f"{exc.strerror}; set [sink.mqtt] outbox or STATE_DIRECTORY")
-            from edgefuse.runtime.service.outbox import Outbox
-            outbox = Outbox(path, max_rows=s.max_rows, synchronous=s.synchronous)
-            self.mqtt_sink = MqttDecisionSink(outbox, cfg.decision_mqtt(), topic=s.topic,
-                                              max_inflight=s.max_inflight,
-                                              retry_min_s=s.retry_min_s,
-                                              retry_max_s=s.retry_max_s)
-            self._outbox = outbox
-            self.sinks.append(("mqtt", self.mqtt_sink))
-        if cfg.sink.jsonl.path:
-            path = cfg.sink.jsonl.path
-            try:
-                sink = JsonlSink(path, append=cfg.sink.jsonl.append, fsync=cfg.sink.jsonl.fsync)
-            except OSError as exc:
-                raise ConfigError(f"cannot write decisions to {path}: {exc.strerror or exc}; "
-                                  "choose a writable [sink.jsonl] path (--out FILE, or "
-                                  "--out - for stdout)") from exc
-            self.sinks.append(("jsonl", sink))
-        if cfg.sink.stdout.enabled:
-            self.sinks.append(("stdout", JsonlSink("-")))
-        if not self.sinks:
-            raise ConfigError("no sink is enabled: decisions would go nowhere; enable "
-                              "[sink.mqtt], [sink.jsonl] path or [sink.stdout]")
+        # In make_sinks' order: the MQTT sink's outbox lock refuses a second daemon
+        # before that daemon truncates a JSONL file the first one is writing.
+        self.sinks = make_sinks(self.config)
+        for sink in self.sinks:
+            sink.open()
 
     def _open_sources(self, model: OnnxModel) -> None:
         from edgefuse.sensors.live.base import ClockCheck
-        channels = {m.name: m.channels for m in model.contract.modalities}
-        cfg = self.config.source
+        from edgefuse.sensors.live.factory import make_sources
         d = self.config.daemon
-        clock = ClockCheck(d.max_clock_offset_s, d.clock_offset_action)
-        if cfg.mqtt is not None:
-            from edgefuse.sensors.live.mqtt_source import make_mqtt_source
-            self.sources.append(make_mqtt_source(cfg.mqtt, channels=channels,
-                                                 clock_check=clock))
-        for serial_settings in cfg.serial:
-            from edgefuse.sensors.live.serial_source import SerialSource
-            # A serial line carries any modality name: refuse the ones the model has no
-            # use for at the port, named ("Acoustic": did you mean 'acoustic'?), as the
-            # MQTT source's per-modality subscriptions never receive them.
-            allowed = serial_settings.allowed_modalities or tuple(channels)
-            self.sources.append(SerialSource(serial_settings, allowed_modalities=allowed,
-                                             channels=channels, clock_check=clock))
+        # The model's modalities: what MQTT subscribes to, what a serial line may carry.
+        # Their channel counts are checked once, by the aligner.
+        self.sources = make_sources(
+            self.config.source, modalities=[m.name for m in model.contract.modalities],
+            clock_check=ClockCheck(d.max_clock_offset_s, d.clock_offset_action))
         if not self.sources:
             raise ConfigError("no source is configured: enable [source.mqtt] or add a "
                               "[[source.serial]] table (or pass --mqtt / --serial)")
@@ -270,17 +230,16 @@ class Daemon:
             if now >= deadline:
                 what = "every source" if cfg.wait_for_sources == "all" else "a source"
                 raise TransportError(
-                    "; ".join(f"source {self._source_name(s)} did not connect within "
+                    "; ".join(f"source {s.name} did not connect within "
                               f"{cfg.connect_timeout_s} s: {self._last_error(s)}"
                               for s in waiting)
                     + f"; check that the broker/device is there and reachable (the start "
                     f"waits for {what}: [daemon] wait_for_sources, connect_timeout_s)")
-        connected = [self._source_name(s) for s in self.sources if s not in waiting]
+        connected = [s.name for s in self.sources if s not in waiting]
         for src in waiting:
-            name = self._source_name(src)
-            self._pending[name] = [src, start, time.monotonic() + PENDING_WARN_PERIOD_S]
+            self._pending[src.name] = [src, start, time.monotonic() + PENDING_WARN_PERIOD_S]
             log.warning("source %s is not connected after %.1f s (%s); deciding from %s "
-                        "meanwhile, it keeps connecting in the background", name,
+                        "meanwhile, it keeps connecting in the background", src.name,
                         time.monotonic() - start, self._last_error(src), connected)
 
     def _check_pending(self) -> None:
@@ -288,7 +247,7 @@ class Daemon:
         now = time.monotonic()
         for name, entry in list(self._pending.items()):
             src, since, next_warn = entry
-            if src.connected:
+            if src.wait_connected(0):
                 del self._pending[name]
                 log.info("source %s connected, %.1f s after the start", name, now - since)
                 self.notifier.notify(self._status())
@@ -327,40 +286,34 @@ class Daemon:
         self.monitor.beat()
 
     def _push(self, chunk) -> list[Decision]:
-        # Latency counts from the source's receipt (the MQTT receiver process stamps
-        # it), so time spent in the input queues is included.
-        arrival = chunk.received_ns or time.monotonic_ns()
-        self._last_seen[(chunk.node, chunk.modality)] = arrival
+        self._last_seen[(chunk.node, chunk.modality)] = chunk.received_ns or time.monotonic_ns()
         if self.recorder is not None:
             self.recorder.write(chunk)
-        before = self.pipeline.pending_windows()
-        decisions = self.pipeline.push(chunk)
-        new = len(decisions) + self.pipeline.pending_windows() - before
-        if new > 0:
-            closing = (arrival, chunk.node, chunk.modality, chunk.seq)
-            self._arrivals.extend([closing] * new)
-        return decisions
+        return self.pipeline.push(chunk)
 
     def _emit(self, decisions: list[Decision]) -> None:
-        for name, sink in self.sinks:
+        for sink in self.sinks:
             try:
                 sink.write_many(decisions)
-                if name != "mqtt":
-                    sink.flush()
+                sink.flush()
             except Exception:  # noqa: BLE001 - one failing sink must not stop the others
                 self._sink_failures += 1
-                self.metrics.sink_errors.labels(name).inc()
-                log.exception("sink %s failed to take %d decision(s)", name, len(decisions))
+                self.metrics.sink_errors.labels(sink.name).inc()
+                log.exception("sink %s failed to take %d decision(s)", sink.name,
+                              len(decisions))
         done = time.monotonic_ns()
         trace = []
         for d in decisions:
-            arrival, node, modality, seq = self._arrivals.popleft() if self._arrivals \
-                else (done, "", "", -1)
+            # Latency counts from the source's receipt of the chunk that closed the
+            # window (the pipeline stamps it on the decision; the MQTT receiver process
+            # stamps the chunk), so time in the input queues is included; windows no
+            # chunk closed (end of input) count from now.
+            arrival = done if d.received_ns is None else d.received_ns
             self.metrics.latency.observe((done - arrival) / 1e9)
             if self._trace is not None:
                 trace.append(json.dumps({"node": d.node, "seq": d.seq,
                                          "window_end_ns": d.window_end_ns,
-                                         "closing": [node, modality, seq],
+                                         "closing": list(d.closed_by or ("", "", -1)),
                                          "arrival_ns": arrival, "out_ns": done}))
         if trace:
             self._trace.write("\n".join(trace) + "\n")
@@ -424,17 +377,16 @@ class Daemon:
                     break
                 for chunk in chunks:
                     out += self._push(chunk)
-        before = self.pipeline.pending_windows()
-        final = self.pipeline.flush()
-        now = time.monotonic_ns()
-        self._arrivals.extend([(now, "", "", -1)] * max(0, len(final) - before))
-        out += final
+        out += self.pipeline.flush()
         if out:
             self._emit(out)
-        if self.mqtt_sink is not None:
-            if not self.mqtt_sink.flush(self.config.daemon.drain_timeout_s):
-                log.warning("%d decision(s) still wait in the outbox; they are sent after the "
-                            "next start", self.mqtt_sink.outbox.depth())
+        # One budget for all sinks; a sink that cannot empty in time says what it keeps.
+        deadline = time.monotonic() + self.config.daemon.drain_timeout_s
+        for sink in self.sinks:
+            try:
+                sink.drain(max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: BLE001 - the other sinks still get their drain
+                log.exception("draining sink %s failed", sink.name)
         self._snapshot()
         log.info("drained: %s decisions total", sum(
             v for v in self.pipeline.stats()["fusion"]["decisions"].values()))
@@ -446,13 +398,11 @@ class Daemon:
                 src.close()
             except Exception:  # noqa: BLE001 - closing must reach every resource
                 log.exception("closing a source failed")
-        for name, sink in self.sinks:
+        for sink in self.sinks:
             try:
                 sink.close()
             except Exception:  # noqa: BLE001
-                log.exception("closing sink %s failed", name)
-        if self.mqtt_sink is not None:
-            self._outbox.close()
+                log.exception("closing sink %s failed", sink.name)
         if self.recorder is not None:
             self.recorder.close()
         if self._trace is not None:
@@ -461,13 +411,6 @@ class Daemon:
         self.sources, self.sinks = [], []
 
     # --- metrics ------------------------------------------------------------
-    @staticmethod
-    def _source_name(src) -> str:
-        s = src.settings
-        if hasattr(s, "device"):
-            return f"serial:{s.device}"
-        return f"mqtt:{s.mqtt.host}:{s.mqtt.port}"
-
     def _snapshot(self) -> None:
         self._last_snapshot = time.monotonic()
         stats = self.pipeline.stats()
@@ -477,12 +420,9 @@ class Daemon:
         snap = {"streams": streams, "aligner": stats["aligner"],
                 "last_seen": {f"{n}/{m}": t / 1e9 for (n, m), t in self._last_seen.items()},
                 "fusion": stats.get("fusion", {}), "timing": stats.get("timing", {}),
-                "sources": {self._source_name(s): s.stats() for s in self.sources},
-                "sinks": {}, "pending_windows": self.pipeline.pending_windows()}
-        for name, sink in self.sinks:
-            snap["sinks"][name] = sink.stats()
-        if self.mqtt_sink is not None:
-            snap["mqtt_sink"] = snap["sinks"].get("mqtt") or self.mqtt_sink.stats()
+                "sources": {s.name: s.stats() for s in self.sources},
+                "sinks": {sink.name: sink.stats() for sink in self.sinks},
+                "pending_windows": self.pipeline.pending_windows()}
         self.metrics.update(snap)
 
 

@@ -222,7 +222,7 @@ class _SnapshotCollector(Collector):
                     dict_label="route")
         fams.export("edgefuse_pipeline", "pipeline", [], [], snap.get("timing", {}))
 
-        sink = snap.get("mqtt_sink")
+        sink = snap.get("sinks", {}).get("mqtt")  # the outbox families predate edgefuse_sink_*
         if sink is not None:
             fams.add("edgefuse_outbox_depth", "decisions waiting in the outbox for the "
                      "broker's acknowledgement", [], [], sink.get("outbox_depth", 0), gauge=True)

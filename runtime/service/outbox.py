@@ -55,11 +55,29 @@ log = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 SYNC_MODES = ("full", "normal")
 DEFAULT_MAX_ROWS = 100_000
+MAX_ROWS_LIMIT = 100_000_000
 MAX_PAYLOAD_BYTES = 256 * 1024
 SQLITE_FULL = 13                 # primary result code of "database or disk is full"
 SQLITE_IOERR_SHMSIZE = 4874      # growing the WAL index (-shm) failed: also no space
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 EPISODE_LOG_PERIOD_S = 60.0      # a disk that flaps between full and not logs this rarely
+
+
+@dataclass(frozen=True)
+class OutboxSettings:
+    """How an outbox keeps its rows; the one place these values are checked (the
+    ``[sink.mqtt]`` settings build one, so a bad value fails when the config loads)."""
+
+    max_rows: int = DEFAULT_MAX_ROWS
+    synchronous: str = "full"
+
+    def __post_init__(self) -> None:
+        if self.synchronous not in SYNC_MODES:
+            raise ConfigError(f"synchronous = {self.synchronous!r} is not allowed; allowed: "
+                              f"{list(SYNC_MODES)}")
+        if not 1 <= self.max_rows <= MAX_ROWS_LIMIT:
+            raise ConfigError(f"max_rows = {self.max_rows!r} is out of range; allowed: "
+                              f"1..{MAX_ROWS_LIMIT}")
 
 
 class OutboxInUseError(ConfigError):
@@ -93,13 +111,9 @@ class Outbox:
 
     def __init__(self, path: str | Path, *, max_rows: int = DEFAULT_MAX_ROWS,
                  synchronous: str = "full"):
-        if synchronous not in SYNC_MODES:
-            raise ConfigError(f"outbox synchronous must be one of {SYNC_MODES}, "
-                              f"found {synchronous!r}")
-        if not 1 <= max_rows <= 100_000_000:
-            raise ConfigError(f"outbox max_rows must be 1..1e8, found {max_rows!r}")
+        settings = OutboxSettings(max_rows=max_rows, synchronous=synchronous)  # checks them
         self.path = Path(path)
-        self.max_rows = max_rows
+        self.max_rows = settings.max_rows
         self._lock = threading.Lock()
         self._counts = {"put": 0, "acked": 0, "dropped_full": 0, "dropped_disk_full": 0,
                         "delete_failures": 0}
@@ -115,7 +129,7 @@ class Outbox:
         self._closed = False
         self._lock_fd = self._take_ownership()
         try:
-            self._open_db(synchronous)
+            self._open_db(settings.synchronous)
         except BaseException:
             os.close(self._lock_fd)
             raise

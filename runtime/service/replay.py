@@ -24,6 +24,7 @@ from edgefuse.runtime.core.faults import Fault, FaultSpecError, Injector
 from edgefuse.runtime.core.inference import OnnxModel
 from edgefuse.runtime.core.pipeline import Pipeline, PipelineConfig
 from edgefuse.runtime.core.wire import t0_unit_hint
+from edgefuse.runtime.service.sinks import JsonlSink, Sink
 from edgefuse.sensors.live.accounting import did_you_mean
 
 log = logging.getLogger(__name__)
@@ -188,12 +189,10 @@ def check_streams(streams: Iterable, model: OnnxModel) -> None:
         raise ModalityMismatchError(
             f"the input has modalities {found} but model {contract.ident} expects "
             f"{list(wanted)}; pick the model trained for this sensor layout (edgefuse info MODEL)")
-    for s in streams:
-        spec = wanted.get(s.modality)
-        if spec is not None and s.channels != spec.channels:
-            raise ModalityMismatchError(
-                f"stream {s.node}/{s.modality} has {s.channels} channels but model "
-                f"{contract.ident} expects {spec.channels} for {s.modality}")
+    # A wrong channel count is not refused here: the aligner owns that check, the
+    # same live and in replay (it refuses the chunks, counts wrong_channel_chunks and
+    # warns naming the stream; the summary counts them, and exit 3 says so when
+    # nothing could be decided).
     ignored = [m for m in found if m not in wanted]
     if ignored:
         hints = "".join(did_you_mean(m, wanted) and f"; {m!r}{did_you_mean(m, wanted)}"
@@ -206,10 +205,15 @@ def check_streams(streams: Iterable, model: OnnxModel) -> None:
                     absent)
 
 
-def replay(inputs, model: OnnxModel, out: IO[str], config: PipelineConfig | None = None,
-           speed: float | None = None, progress: bool = False,
-           faults: Sequence[Fault] = (), inject_seed: int = 0) -> ReplaySummary:
-    """Replay an InputSet (edgefuse.sensors.readers.inputs.open_inputs) and write JSON lines.
+def replay(inputs, model: OnnxModel, out: IO[str] | Sink,
+           config: PipelineConfig | None = None, speed: float | None = None,
+           progress: bool = False, faults: Sequence[Fault] = (),
+           inject_seed: int = 0) -> ReplaySummary:
+    """Replay an InputSet (edgefuse.sensors.readers.inputs.open_inputs) into a sink.
+
+    ``out``: a text stream gets JSON lines through a JsonlSink (the daemon's
+    writer); a Sink, opened by the caller, gets every batch of decisions and a
+    flush() at the end (the caller closes it).
 
     ``faults`` (runtime.faults.parse_fault) are injected into the chunks on their
     way into the pipeline, seeded with ``inject_seed``; a fault that matches no
@@ -234,6 +238,7 @@ def _replay(inputs, model, out, config, speed, progress, faults, inject_seed) ->
     if faults:
         check_faults(faults, inputs.streams)
     pipeline = Pipeline(model, config)
+    sink = out if isinstance(out, Sink) else JsonlSink(out)
     summary = ReplaySummary()
     wall0 = time.perf_counter()
     bar = _progress_bar(progress)
@@ -241,9 +246,10 @@ def _replay(inputs, model, out, config, speed, progress, faults, inject_seed) ->
     fallbacks: Counter = Counter()
 
     def emit(decisions: list[Decision]) -> None:
+        if not decisions:
+            return
+        sink.write_many(decisions)
         for d in decisions:
-            out.write(d.to_json())
-            out.write("\n")
             fallbacks[d.fallback] += 1
             for m in d.missing:
                 missing[f"{m}/{d.missing_reason.get(m, 'unknown')}"] += 1
@@ -281,7 +287,7 @@ def _replay(inputs, model, out, config, speed, progress, faults, inject_seed) ->
     except InputError as exc:  # a corrupt log: finish what was read, then report
         error = exc
     emit(pipeline.flush())
-    out.flush()
+    sink.flush()
     if bar is not None:
         bar.close()
     summary.wall_s = time.perf_counter() - wall0

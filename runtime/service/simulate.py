@@ -100,15 +100,15 @@ class SerialPublisher(Publisher):
 
     def __init__(self, device: str, *, protocol: str = "binary", baud: int = 115200):
         import serial
-        from edgefuse.sensors.live import serial_framing
-        encoders = {"binary": lambda c: serial_framing.encode_frame(c.node, c.modality,
-                                                                   payload_of(c)),
-                    "json": serial_framing.encode_json_line,
-                    "csv": serial_framing.encode_csv_lines}
-        if protocol not in encoders:
-            raise ConfigError(f"serial protocol must be one of {sorted(encoders)}, "
+
+        from edgefuse.sensors.live.serial_source import PROTOCOLS
+        from edgefuse.sensors.readers.mcaplog import payload_dtype
+        if protocol not in PROTOCOLS:
+            raise ConfigError(f"serial protocol must be one of {sorted(PROTOCOLS)}, "
                               f"found {protocol!r}")
-        self._encode = encoders[protocol]
+        encode = PROTOCOLS[protocol].encode
+        # binary payloads as payload_of() sends them over MQTT: int16 for PCM counts
+        self._encode = lambda chunk: encode(chunk, payload_dtype(chunk.samples))
         try:
             self.port = serial.Serial(device, baud, write_timeout=10)
         except (serial.SerialException, OSError) as exc:

@@ -7,7 +7,12 @@ at once, then at most one line a minute with the count since
 past REJECTION_BURST lines of one reason in a minute, the rest are summed up
 in one line per reason and minute.
 
-Standard library only: the MQTT receiver process (sensors.mqtt_receiver)
+Each check has one owner: the transport checks a message's size and
+modality (MQTT: the subscriber; serial: the line/frame parser) before
+decoding it; the channel count is the aligner's (runtime.core.aligner), the
+same for live and replay, so no source counts it.
+
+Standard library only: the MQTT receiver process (sensors.live.mqtt_receiver)
 imports this without numpy, so it stays small.
 """
 from __future__ import annotations
@@ -18,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from edgefuse.runtime.core.errors import WireFormatError
+from edgefuse.runtime.core.errors import InputError
 from edgefuse.runtime.core.ratelimit import DEFAULT_PERIOD_S, WarnLimiter
 
 log = logging.getLogger(__name__)
@@ -28,7 +33,6 @@ REJECTION_BURST = 20   # lines per reason and period before they are summed up
 # Why an incoming message was skipped (keys of stats()["malformed"]).
 BAD_TOPIC = "bad_topic"                # MQTT topic does not match the pattern
 UNKNOWN_MODALITY = "unknown_modality"  # modality not in the allowed set
-WRONG_CHANNELS = "wrong_channels"      # channel count differs from the configured one
 BAD_JSON = "bad_json"                  # JSON does not parse
 BAD_FIELDS = "bad_fields"              # JSON parses but a chunk field is missing/invalid
 BAD_HEADER = "bad_header"              # binary header: wrong version/channels
@@ -44,8 +48,12 @@ BAD_TIME = "bad_time"                  # t0_ns outside [0, 2**62), or far from t
 CLOCK_OFFSET = "clock_offset"
 
 
-class RejectedPayload(WireFormatError):
-    """A message was refused; ``reason`` is one of the constants above."""
+OVERSIZED = "oversized"                # counted on its own: stats()["oversized"]
+
+
+class RejectedMessage(InputError):
+    """A source refused one incoming message (topic, size, modality or encoding);
+    ``reason`` is one of the constants above: the counter it is counted in."""
 
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -62,9 +70,15 @@ def did_you_mean(name: str, known: Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def unknown_modality(modality: str, allowed: Iterable[str]) -> RejectedPayload:
+def check_modality(modality: str, allowed: frozenset[str] | None) -> None:
+    """Raise RejectedMessage(UNKNOWN_MODALITY) when allowed is a set without modality."""
+    if allowed is not None and modality not in allowed:
+        raise unknown_modality(modality, allowed)
+
+
+def unknown_modality(modality: str, allowed: Iterable[str]) -> RejectedMessage:
     allowed = sorted(allowed)
-    return RejectedPayload(
+    return RejectedMessage(
         UNKNOWN_MODALITY,
         f"modality {modality!r} is not one of {allowed}{did_you_mean(modality, allowed)}; "
         "fix the sender or add it to allowed_modalities")
@@ -118,14 +132,12 @@ class Counters:
             self._plain[name] = before + n
         return before
 
-    def malformed(self, reason: str, n: int = 1) -> bool:
-        """Count; True the first time this reason is seen (log that one loudly)."""
+    def malformed(self, reason: str, n: int = 1) -> None:
+        """Count n messages refused for reason (stats()["malformed"][reason])."""
         with self._lock:
-            seen = self._malformed.get(reason, 0)
-            self._malformed[reason] = seen + n
-        return seen == 0
+            self._malformed[reason] = self._malformed.get(reason, 0) + n
 
-    def snapshot(self) -> dict:
+    def stats(self) -> dict:
         with self._lock:
             out: dict = dict(self._plain)
             out["malformed"] = dict(self._malformed)
@@ -142,7 +154,7 @@ def _origin(topic: str | None, port: str | None, node: str | None,
     return words, f"{topic or port or ''} {node}/{modality}"
 
 
-def count_rejection(counters: Counters, exc: RejectedPayload, *, topic: str | None = None,
+def count_rejection(counters: Counters, exc: RejectedMessage, *, topic: str | None = None,
                     node: str | None = None, modality: str | None = None,
                     port: str | None = None) -> None:
     """Count a refused message and warn, naming where it came from.
@@ -150,14 +162,14 @@ def count_rejection(counters: Counters, exc: RejectedPayload, *, topic: str | No
     topic (MQTT) or port (serial), and node/modality where they were parsed;
     the warning is rate-limited per (topic or port, node/modality, reason).
     """
-    if exc.reason == "oversized":
-        counters.add("oversized")
+    if exc.reason == OVERSIZED:
+        counters.add(OVERSIZED)
     else:
         counters.malformed(exc.reason)
     origin, where = _origin(topic, port, node, modality)
     counters.rejections.warn(where, exc.reason, "skipped a message from %s: %s: %s; "
                              "counted in stats()[%r]", origin, exc.reason, exc,
-                             "oversized" if exc.reason == "oversized" else "malformed")
+                             OVERSIZED if exc.reason == OVERSIZED else "malformed")
 
 
 def count_anomaly(counters: Counters, name: str, detail: str, *, topic: str | None = None,

@@ -1,8 +1,9 @@
-"""The one interface every live source implements, and what they share.
+"""The one protocol every live source implements (``Source``), and what they share.
 
-A source owns a transport thread (paho's network loop, a serial reader)
-that decodes incoming bytes into chunks and puts them on a bounded queue;
-``read(timeout_s)`` hands the caller whatever has arrived.
+A source's transport (paho's network loop in a thread or in a child process,
+a serial reader thread) decodes incoming bytes into chunks and puts them on
+a bounded queue; ``read(timeout_s)`` hands the caller whatever has arrived.
+Sources are built from the configuration by ``sensors.live.factory``.
 
 Queue policy when full: the OLDEST queued chunk is dropped (and counted in
 ``dropped_queue_full``) so that the newest one fits. A full queue means the
@@ -31,16 +32,15 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 from edgefuse.runtime.core import wire
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import ConfigError, TransportError, WireFormatError
-from edgefuse.sensors.live.accounting import (  # noqa: F401 - re-exported for the sources
-    BAD_BINARY, BAD_CRC, BAD_CSV, BAD_DTYPE, BAD_FIELDS, BAD_FRAME, BAD_HEADER, BAD_JSON,
-    BAD_RATE, BAD_TIME, BAD_TOPIC, CLOCK_OFFSET, TRUNCATED, UNKNOWN_MODALITY, WRONG_CHANNELS,
-    Counters, RejectedPayload, count_anomaly, count_rejection, unknown_modality,
+from edgefuse.sensors.live.accounting import (
+    BAD_BINARY, BAD_DTYPE, BAD_FIELDS, BAD_HEADER, BAD_JSON, BAD_TIME, CLOCK_OFFSET, TRUNCATED,
+    Counters, RejectedMessage, count_anomaly, count_rejection,
 )
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class ClockCheck:
                               "to not check")
 
 def classify_wire_error(payload: bytes) -> str:
-    """Name the reason a payload failed runtime.wire decoding (called on errors only)."""
+    """Name the reason a payload failed runtime.core.wire decoding (called on errors only)."""
     if payload[:4] == wire.MAGIC:
         if len(payload) < wire.HEADER_SIZE:
             return TRUNCATED
@@ -142,100 +142,93 @@ def classify_wire_error(payload: bytes) -> str:
     return BAD_FIELDS
 
 
-class ChunkValidator:
-    """Checks a stream against the allowed modalities and their channel counts.
+def decode_payload(payload: bytes, node: str, modality: str) -> Chunk:
+    """A runtime.core.wire payload of (node, modality) -> Chunk; RejectedMessage naming the reason.
 
-    allowed: modalities accepted (None = any).
-    channels: modality -> channel count, where known (from the model contract).
+    Decoding only: the transport has checked the payload's size and modality
+    already (MQTT: the subscriber; serial: the frame parser), and the channel
+    count is the aligner's check (accounting's module docstring).
     """
-
-    def __init__(self, allowed: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None):
-        self.allowed = None if allowed is None else frozenset(allowed)
-        self.channels = dict(channels or {})
-
-    def check_modality(self, modality: str) -> None:
-        if self.allowed is not None and modality not in self.allowed:
-            raise unknown_modality(modality, self.allowed)
-
-    def check_chunk(self, chunk: Chunk) -> Chunk:
-        self.check_modality(chunk.modality)
-        expected = self.channels.get(chunk.modality)
-        if expected is not None and chunk.channels != expected:
-            raise RejectedPayload(
-                WRONG_CHANNELS,
-                f"{chunk.node}/{chunk.modality} seq {chunk.seq}: expected {expected} "
-                f"channel(s), found {chunk.channels}")
-        return chunk
-
-    def decode(self, payload: bytes, node: str, modality: str, max_payload: int) -> Chunk:
-        """Size check first, then modality, then runtime.wire decoding, then channels."""
-        if len(payload) > max_payload:
-            raise RejectedPayload(
-                "oversized", f"{node}/{modality}: payload of {len(payload)} bytes exceeds "
-                f"the limit of {max_payload}; send smaller chunks or raise max_payload_bytes")
-        self.check_modality(modality)
-        try:
-            chunk = wire.decode_payload(payload, node, modality, max_payload)
-        except WireFormatError as exc:
-            # The decoder names rate/time refusals itself; else judge by the payload.
-            raise RejectedPayload(exc.reason or classify_wire_error(payload), str(exc)) from exc
-        except (ValueError, OverflowError, RecursionError) as exc:
-            # json.loads: > 4300-digit ints (ValueError), deep nesting (RecursionError);
-            # numpy: ints beyond float range (OverflowError). Still just a bad message.
-            raise RejectedPayload(classify_wire_error(payload),
-                                  f"{node}/{modality}: {type(exc).__name__}: {exc}") from None
-        return self.check_chunk(chunk)
+    try:
+        # The transport's bound was applied before this call; wire's own bound
+        # must not be a second, different limit (max_payload_bytes may exceed it).
+        return wire.decode_payload(payload, node, modality, max_payload=len(payload))
+    except WireFormatError as exc:
+        # The decoder names rate/time refusals itself; else judge by the payload.
+        raise RejectedMessage(exc.reason or classify_wire_error(payload), str(exc)) from exc
+    except (ValueError, OverflowError, RecursionError) as exc:
+        # json.loads: > 4300-digit ints (ValueError), deep nesting (RecursionError);
+        # numpy: ints beyond float range (OverflowError). Still just a bad message.
+        raise RejectedMessage(classify_wire_error(payload),
+                              f"{node}/{modality}: {type(exc).__name__}: {exc}") from None
 
 
 class Source(ABC):
-    """open() / read(timeout_s) / close(), a context manager, stats() and connected.
+    """The one protocol of a live source; every implementation behaves the same way.
 
-    Subclasses run a transport thread that calls ``_offer(chunk)``, and count
-    with ``self._counters``. read() never raises on bad data; it raises
-    TransportError only when called on a source that was never opened.
+    name            "mqtt:HOST:PORT" or "serial:DEVICE": the daemon's logs and the
+                    ``source`` label of the metrics
+    open()          start the transport; returns without waiting for the peer
+    read(timeout_s) the chunks that arrived, oldest first, waiting up to timeout_s
+                    for the first; never raises on bad data (TransportError only
+                    when called before open())
+    close()         stop the transport; idempotent; what was queued stays readable
+    stats()         a dict of numbers: counters (COUNTERS, ``queued``,
+                    ``connected`` 0/1) and ``malformed``: reason -> count
+    alive           False when the transport died and will not recover by itself
+    wait_connected(timeout_s)  True once chunks can arrive (MQTT: subscribed;
+                    serial: the port is open)
+    last_error      why the transport is not up (a sentence), None while it is
+
+    Properties only report: they never wait, read a pipe or start anything. A
+    source whose transport has no thread of its own (the MQTT receiver process)
+    moves its data in read(), wait_connected() and stats().
+
+    The base owns the bounded queue (see the module docstring), the clock check
+    and the counters; a transport hands each decoded chunk to ``_offer``.
     """
 
     COUNTERS = ("received", "decoded", "delivered", "oversized", "ignored",
                 "dropped_queue_full", "connects", "reconnects", "disconnects", CLOCK_OFFSET)
 
-    def __init__(self, queue_max: int = DEFAULT_QUEUE_MAX, clock_check: ClockCheck | None = None):
+    def __init__(self, name: str, queue_max: int = DEFAULT_QUEUE_MAX,
+                 clock_check: ClockCheck | None = None):
         """clock_check: compare t0 with the receipt time (None: no check)."""
         if queue_max < 1:
             raise ValueError(f"queue_max must be >= 1, found {queue_max!r}")
+        self.name = name
         self._queue: queue.Queue[Chunk] = queue.Queue(maxsize=queue_max)
         self._offer_lock = threading.Lock()
         self._counters = Counters(self.COUNTERS)
         self._opened = False
+        self._last_error: str | None = None
         self._clock_check = clock_check if clock_check is not None and clock_check.enabled \
             else None
 
-    # --- interface -------------------------------------------------------
+    # --- the protocol ----------------------------------------------------
     @abstractmethod
     def open(self) -> None:
-        """Start the transport thread; does not wait for the peer to be there."""
+        """Start the transport; does not wait for the peer to be there."""
 
     @abstractmethod
     def close(self) -> None:
-        """Stop the transport thread; chunks already queued can still be read."""
+        """Stop the transport (idempotent); chunks already queued can still be read."""
+
+    @abstractmethod
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once chunks can arrive (MQTT: subscription acknowledged; serial: port
+        open), waiting up to timeout_s (0: just look)."""
+
+    @abstractmethod
+    def _transport_up(self) -> bool:
+        """stats()["connected"]: the transport is up (broker session, open port)."""
 
     @property
-    @abstractmethod
-    def connected(self) -> bool:
-        """True while the transport is up (broker session, open serial port)."""
-
-    def wait_connected(self, timeout_s: float) -> bool:
-        """Wait until the transport is up (MQTT: subscribed; serial: port open)."""
-        deadline = time.monotonic() + max(0.0, timeout_s)
-        while not self.connected:
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
-        return True
-
-    #: Why the last connection attempt failed (short, human); None while connected
-    #: or before the first attempt. The daemon names it when a source stays down.
-    last_error: str | None = None
+    def last_error(self) -> str | None:
+        """Why the transport is not up (short, human: unknown CA, connection refused,
+        cannot open /dev/x ...); None while it is up or before the first attempt.
+        The daemon names it when a source stays down."""
+        return self._last_error
 
     @property
     def alive(self) -> bool:
@@ -247,7 +240,7 @@ class Source(ABC):
     def read(self, timeout_s: float) -> list[Chunk]:
         """Chunks that arrived, oldest first; waits up to timeout_s for the first one."""
         if not self._opened:
-            raise TransportError(f"{type(self).__name__}.read() called before open()")
+            raise TransportError(f"{self.name}: read() called before open()")
         out: list[Chunk] = []
         try:
             out.append(self._queue.get(timeout=max(0.0, timeout_s)) if timeout_s > 0
@@ -261,9 +254,9 @@ class Source(ABC):
         return out
 
     def stats(self) -> dict:
-        snap = self._counters.snapshot()
+        snap = self._counters.stats()
         snap["queued"] = self._queue.qsize()
-        snap["connected"] = self.connected
+        snap["connected"] = self._transport_up()
         return snap
 
     def __enter__(self) -> Source:
@@ -273,12 +266,15 @@ class Source(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name}>"
+
     def origin(self, node: str, modality: str) -> dict[str, str]:
         """Where a chunk of (node, modality) came from, for warnings: {"topic": ...}
         or {"port": ...}; empty where the source cannot tell."""
         return {}
 
-    # --- for transport threads ------------------------------------------
+    # --- for the transports ------------------------------------------------
     def _offer(self, chunk: Chunk, received_ns: int | None = None) -> None:
         """Check the clock, count the chunk decoded, stamp the arrival time, enqueue
         without blocking; when full, drop the oldest chunk (counted)."""
@@ -289,7 +285,7 @@ class Source(ABC):
                 where = dict(self.origin(chunk.node, chunk.modality), node=chunk.node,
                              modality=chunk.modality)
                 if reason == BAD_TIME:
-                    count_rejection(self._counters, RejectedPayload(
+                    count_rejection(self._counters, RejectedMessage(
                         BAD_TIME, f"seq {chunk.seq}: {why}"), **where)
                     return
                 count_anomaly(self._counters, reason, f"seq {chunk.seq}: {why}", **where)
@@ -309,6 +305,3 @@ class Source(ABC):
                         self._counters.add("dropped_queue_full")
                     except queue.Empty:
                         pass
-
-    def _reject(self, exc: RejectedPayload) -> None:
-        count_rejection(self._counters, exc)

@@ -1,22 +1,31 @@
 """MQTT source whose network loop runs in a child process (``receiver = "process"``).
 
-The child (``sensors.mqtt_receiver``) subscribes, does the cheap checks and
-writes frames to a pipe. This side owns no thread: ``read()`` waits on the
-pipe, parses the frames that have arrived and decodes the payloads with the
-same ChunkValidator as the in-process source, in the caller's thread. Apart
-from the transport it behaves like ``MqttSource``: the same counters (the
-child's and this side's are added up, and survive a restart of the child),
-``connected``, ``wait_subscribed()``, ``last_error`` (the child's, carried in
-its status lines). One difference: this side decodes
-only while its queue (``queue_max`` chunks) has room, and leaves the rest in
-the pipe, so a consumer that falls behind pushes back to the child, which
-holds up to ``receiver_queue_bytes`` and only then drops the oldest frames
-(counted in ``dropped_queue_full``). Nothing is dropped that memory could hold.
+The child (``sensors.live.mqtt_receiver``) subscribes, does the checks (topic,
+size, modality: the Subscriber owns them) and writes frames to a pipe. This
+side owns no thread: ``read()`` waits on the pipe, parses the frames that
+have arrived and decodes the payloads (``base.decode_payload``, as the
+in-process source does), in the caller's thread. Apart from the transport it
+behaves like ``MqttThreadSource``, through the same protocol (base.Source):
+the same counters (the child's and this side's are added up, and survive a
+restart of the child), ``wait_connected()`` (subscribed), ``last_error``
+(the child's, carried in its status lines).
+
+Without a thread of its own, this source moves its data when it is called:
+``read()`` and ``wait_connected()`` take in frames and status lines and start
+a child that is due to restart; ``stats()`` takes in what has arrived but
+starts nothing; the properties (``last_error``, ``alive``) only report what
+the last of those calls saw. The daemon calls ``read()`` on every iteration.
+
+This side decodes only while its queue (``queue_max`` chunks) has room, and
+leaves the rest in the pipe, so a consumer that falls behind pushes back to
+the child, which holds up to ``receiver_queue_bytes`` and only then drops the
+oldest frames (counted in ``dropped_queue_full``). Nothing is dropped that
+memory could hold.
 
 The child is restarted when it exits unexpectedly, after a delay that doubles
-from RESTART_MIN_S to RESTART_MAX_S (reset once a child subscribes); each
-start is counted in ``receiver_starts``. The child exits by itself when this
-process dies, because its stdin reaches EOF.
+from RESTART_MIN_S to RESTART_MAX_S (runtime.core.backoff; reset once a child
+subscribes); each start is counted in ``receiver_starts``. The child exits by
+itself when this process dies, because its stdin reaches EOF.
 """
 from __future__ import annotations
 
@@ -29,13 +38,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import asdict, replace
 
+from edgefuse.runtime.core.backoff import Backoff
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import TransportError
+from edgefuse.sensors.live.accounting import RejectedMessage, count_rejection
+from edgefuse.sensors.live.base import ClockCheck, decode_payload
 from edgefuse.sensors.live.mqtt_client import load_secrets
-from edgefuse.sensors.live.base import ClockCheck, RejectedPayload, count_rejection
 from edgefuse.sensors.live.mqtt_receiver import FRAME, MESSAGE
 from edgefuse.sensors.live.mqtt_source import MqttSourceBase, MqttSourceSettings
 
@@ -55,11 +66,9 @@ class MqttProcessSource(MqttSourceBase):
     COUNTERS = MqttSourceBase.COUNTERS + ("receiver_starts",)
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
-                 allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None,
+                 modalities: Iterable[str] | None = None,
                  clock_check: ClockCheck | None = None):
-        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels,
-                         clock_check=clock_check)
+        super().__init__(settings, modalities=modalities, clock_check=clock_check)
         self._lock = threading.RLock()   # the pipe and the child's state
         self._proc: subprocess.Popen | None = None
         self._buf = bytearray()
@@ -68,9 +77,8 @@ class MqttProcessSource(MqttSourceBase):
         self._child_status: dict = {}     # the running child's last status line
         self._exited: dict = {}           # counters of children that exited, summed
         self._connected = False
-        self._last_error: str | None = None
         self._restart_at: float | None = None
-        self._restart_delay = RESTART_MIN_S
+        self._restart = Backoff(RESTART_MIN_S, RESTART_MAX_S)
         self._client_id = self.settings.mqtt.resolved_client_id("source")
 
     # --- interface -----------------------------------------------------------
@@ -104,19 +112,14 @@ class MqttProcessSource(MqttSourceBase):
                 proc.kill()
                 self._child_exited(closing=True)
 
-    @property
-    def connected(self) -> bool:
-        self._pump(0.0)
-        return self._connected
+    def _transport_up(self) -> bool:
+        return self._connected  # as of the last status line taken in
 
-    @property
-    def last_error(self) -> str | None:
+    def wait_connected(self, timeout_s: float) -> bool:
+        """True once the broker acknowledged the current session's subscription.
+        Takes in what the child sent first, so a child that died is noticed."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
         self._pump(0.0)
-        return self._last_error
-
-    def wait_subscribed(self, timeout_s: float) -> bool:
-        """True once the broker acknowledged the current session's subscription."""
-        deadline = time.monotonic() + timeout_s
         while not self._subscribed.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
@@ -135,7 +138,9 @@ class MqttProcessSource(MqttSourceBase):
                 return out
 
     def stats(self) -> dict:
-        snap = super().stats()  # pumps through self.connected
+        """Takes in what the child has sent (without waiting; it starts no child)."""
+        self._pump(0.0, restart=False)
+        snap = super().stats()
         with self._lock:
             children = [self._exited, self._child_status]
             for child in children:
@@ -155,8 +160,8 @@ class MqttProcessSource(MqttSourceBase):
         settings = {"mqtt": asdict(mqtt), "topic_pattern": self.settings.topic_pattern,
                     "qos": self.settings.qos, "max_payload_bytes": self.settings.max_payload_bytes,
                     "filters": self.filters, "session_expiry_s": self.settings.session_expiry,
-                    "allowed_modalities": None if self.validator.allowed is None
-                    else sorted(self.validator.allowed),
+                    "allowed_modalities": None if self.allowed is None
+                    else sorted(self.allowed),
                     "queue_bytes": self.settings.receiver_queue_bytes,
                     "log_level": logging.getLevelName(
                         logging.getLogger("edgefuse").getEffectiveLevel())}
@@ -216,18 +221,19 @@ class MqttProcessSource(MqttSourceBase):
             before = before.partition("; before that: ")[2]
         self._last_error = f"{EXITED} (status {code}); restarting it" + (
             f"; before that: {before}" if before else "")
-        self._restart_at = time.monotonic() + self._restart_delay
+        delay = self._restart.next()
+        self._restart_at = time.monotonic() + delay
         log.error("the MQTT receiver process exited (status %s); restarting it in %.1f s",
-                  code, self._restart_delay)
-        self._restart_delay = min(RESTART_MAX_S, self._restart_delay * 2)
+                  code, delay)
 
     # --- the pipe ------------------------------------------------------------------
-    def _pump(self, timeout_s: float, *, closing: bool = False) -> None:
-        """Wait up to timeout_s for frames, then handle every whole frame that arrived."""
+    def _pump(self, timeout_s: float, *, closing: bool = False, restart: bool = True) -> None:
+        """Wait up to timeout_s for frames, then handle every whole frame that arrived;
+        restart: start a child that is due (else leave that to the next read())."""
         with self._lock:
             proc = self._proc
             if proc is None:
-                if self._restart_at is None:
+                if self._restart_at is None or not restart:
                     return
                 wait = self._restart_at - time.monotonic()
                 if wait > 0:
@@ -236,10 +242,10 @@ class MqttProcessSource(MqttSourceBase):
                 try:
                     self._spawn()
                 except OSError as exc:  # out of processes or descriptors: try again later
-                    self._restart_at = time.monotonic() + self._restart_delay
+                    delay = self._restart.next()
+                    self._restart_at = time.monotonic() + delay
                     log.error("cannot start the MQTT receiver process (%s); retrying in %.1f s",
-                              exc, self._restart_delay)
-                    self._restart_delay = min(RESTART_MAX_S, self._restart_delay * 2)
+                              exc, delay)
                 return
             fd = proc.stdout.fileno()
             if timeout_s > 0 and not self._room():
@@ -288,6 +294,9 @@ class MqttProcessSource(MqttSourceBase):
         max_body = self.settings.max_payload_bytes
         while size - pos >= FRAME.size and (everything or self._room()):
             kind, node_len, modality_len, body_len, received_ns = FRAME.unpack_from(buf, pos)
+            # Pipe integrity, not a payload check (the child's Subscriber owns that): the
+            # child never frames more than max_body, so a longer frame means the pipe
+            # is out of step, and the one way back in step is a new child.
             if kind != MESSAGE or body_len > max_body:
                 log.error("the MQTT receiver process sent a corrupt frame (kind %d, %d bytes); "
                           "restarting it", kind, body_len)
@@ -307,9 +316,8 @@ class MqttProcessSource(MqttSourceBase):
 
     def _decode(self, payload: bytes, node: str, modality: str, received_ns: int) -> None:
         try:
-            chunk = self.validator.decode(payload, node, modality,
-                                          self.settings.max_payload_bytes)
-        except RejectedPayload as exc:
+            chunk = decode_payload(payload, node, modality)
+        except RejectedMessage as exc:
             count_rejection(self._counters, exc, **self.origin(node, modality), node=node,
                             modality=modality)
             return
@@ -326,6 +334,6 @@ class MqttProcessSource(MqttSourceBase):
         self._last_error = status.get("last_error")
         if status.get("subscribed"):
             self._subscribed.set()
-            self._restart_delay = RESTART_MIN_S
+            self._restart.reset()
         else:
             self._subscribed.clear()

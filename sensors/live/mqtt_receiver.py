@@ -1,18 +1,20 @@
 """The MQTT receiver process: paho's network loop, away from the daemon's GIL.
 
-``MqttSource`` with ``receiver = "process"`` (the default) runs
-``python -m edgefuse.sensors.live.mqtt_receiver`` as a child. paho parses MQTT
-packets in pure Python; at a few thousand messages a second that parsing,
-sharing one GIL with the aligner and ONNX Runtime, was the largest single
-cost in the daemon (a third of its busy time at 200 nodes). Here it runs on
-another core, and the daemon reads ready-made frames from a pipe.
+``MqttProcessSource`` (sensors.live.mqtt_process; ``receiver = "process"``,
+the default) runs ``python -m edgefuse.sensors.live.mqtt_receiver`` as a
+child. paho parses MQTT packets in pure Python; at a few thousand messages
+a second that parsing, sharing one GIL with the aligner and ONNX Runtime,
+was the largest single cost in the daemon (a third of its busy time at 200
+nodes). Here it runs on another core, and the daemon reads ready-made frames
+from a pipe.
 
-The child runs the same ``Subscriber`` (sensors.mqtt_subscriber) as the
-in-process source, with its cheap checks (topic, reserved modality, size
-before any parsing, allowed modality), and forwards each surviving payload
-untouched; the parent decodes it with the same ``ChunkValidator``, so both
-receivers count the same reasons. This module imports the standard library and paho only (no numpy):
-the child costs about 22 MB of memory.
+The child runs the same ``Subscriber`` (sensors.live.mqtt_subscriber) as the
+in-process source, with its checks (topic, reserved modality, size before
+any parsing, allowed modality: the MQTT path's only ones), and forwards each
+surviving payload untouched; the parent decodes it with the same
+``base.decode_payload``, so both receivers count the same reasons. This
+module imports the standard library and paho only (no numpy): the child
+costs about 22 MB of memory.
 
 Protocol, no pickle:
 
@@ -154,7 +156,7 @@ class Receiver:
             self._state_changed.wait(STATUS_PERIOD_S)
             self._state_changed.clear()
             final = self._stopping and not self._writer.is_alive()
-            snap = self.counters.snapshot()
+            snap = self.counters.stats()
             malformed = snap.pop("malformed")
             snap.pop("malformed_total")
             status = {"counters": snap, "malformed": malformed,

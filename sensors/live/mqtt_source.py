@@ -7,7 +7,7 @@ matches any level) is subscribed once per modality the source is given
 and so on, never ``edgefuse/+/+``, which would deliver the daemon's own
 decisions (``edgefuse/{node}/decisions``) back to it. A sender publishing a
 modality outside that set is therefore not seen at all. The payload is a
-runtime.wire chunk, binary when it starts with the magic ``EFCK``, JSON
+runtime.core.wire chunk, binary when it starts with the magic ``EFCK``, JSON
 otherwise.
 
 ``persistent_session = true`` (with ``qos = 1`` and a fixed ``[mqtt]
@@ -17,26 +17,27 @@ chunks that arrive while the daemon is disconnected or restarting, for
 delivers min(publish QoS, subscription QoS)) and the broker bounds the queue
 (Mosquitto: ``max_queued_messages``, 1000 per client by default).
 
-Two receivers behind one interface (``receiver`` setting, ``make_mqtt_source``):
-``"process"`` (default, sensors.mqtt_process) runs paho in a child process;
-``"thread"`` (``MqttSource`` here) runs it in this process. Both use the
-same ``Subscriber`` for the paho side: topic, reserved modality
-(``decisions``: counted in ``ignored``, reachable only by a catch-all
-subscription), size before any parsing, allowed modality; then the same ChunkValidator decodes and checks
-the channel count, and the chunk goes to a bounded queue.
+Two receivers behind one protocol (``receiver`` setting, chosen by
+``sensors.live.factory.make_mqtt_source``): ``"process"`` (default,
+``MqttProcessSource`` in sensors.live.mqtt_process) runs paho in a child
+process; ``"thread"`` (``MqttThreadSource`` here) runs it in this process.
+Both use the same ``Subscriber`` for the paho side, which owns the checks:
+topic, reserved modality (``decisions``: counted in ``ignored``, reachable
+only by a catch-all subscription), size before any parsing, allowed
+modality; then ``base.decode_payload`` decodes, and the chunk goes to a
+bounded queue. The channel count is the aligner's check.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from abc import abstractmethod
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from edgefuse.sensors.live import mqtt_client
 from edgefuse.runtime.core import wire
 from edgefuse.runtime.core.errors import ConfigError
-from edgefuse.sensors.live.base import DEFAULT_QUEUE_MAX, ChunkValidator, ClockCheck, Source
+from edgefuse.sensors.live.base import DEFAULT_QUEUE_MAX, ClockCheck, Source, decode_payload
 from edgefuse.sensors.live.mqtt_subscriber import Subscriber
 from edgefuse.sensors.live.topics import DEFAULT_PATTERN, TopicPattern
 
@@ -52,9 +53,8 @@ class MqttSourceSettings:
     qos: int = 0          # sensor data: a late retransmission is worth little; 1 is allowed
     max_payload_bytes: int = wire.DEFAULT_MAX_PAYLOAD
     allowed_modalities: tuple[str, ...] | None = None
-    channels: Mapping[str, int] | None = None
     queue_max: int = DEFAULT_QUEUE_MAX
-    # "process": paho's network loop in a child process (sensors.mqtt_receiver), off
+    # "process": paho's network loop in a child process (sensors.live.mqtt_receiver), off
     # the daemon's GIL; "thread": in this process, as paho's own thread.
     receiver: str = "process"
     # process receiver only: bytes of frames the child holds while the daemon is
@@ -99,46 +99,27 @@ class MqttSourceSettings:
 
 
 class MqttSourceBase(Source):
-    """What both receivers share: settings, topic pattern, subscription filters,
-    validator, subscribed flag."""
+    """What both receivers share: settings, name, topic pattern, subscription
+    filters, the allowed modalities, the subscribed flag."""
 
     COUNTERS = Source.COUNTERS + ("subscribed", "connect_failures")
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
-                 allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None,
+                 modalities: Iterable[str] | None = None,
                  clock_check: ClockCheck | None = None):
+        """modalities: the model's modalities, subscribed to unless the settings'
+        allowed_modalities name others (None with neither: the catch-all filter)."""
         self.settings = settings or MqttSourceSettings()
-        super().__init__(self.settings.queue_max, clock_check)
-        self.topics = TopicPattern(self.settings.topic_pattern)
-        # Arguments (from the model contract) win over the settings.
-        self.validator = ChunkValidator(
-            self.settings.allowed_modalities if allowed_modalities is None else allowed_modalities,
-            self.settings.channels if channels is None else channels)
-        modalities = self.validator.allowed
-        if modalities is None and self.validator.channels:
-            modalities = frozenset(self.validator.channels)
-        self.filters = self.topics.filters(modalities)
+        s = self.settings
+        super().__init__(f"mqtt:{s.mqtt.host}:{s.mqtt.port}", s.queue_max, clock_check)
+        self.topics = TopicPattern(s.topic_pattern)
+        self.allowed = None if s.allowed_modalities is None else frozenset(s.allowed_modalities)
+        if self.allowed is not None:
+            subscribe = self.allowed
+        else:  # no modality known: the catch-all (the subscriber skips our decisions)
+            subscribe = frozenset(modalities) if modalities else None
+        self.filters = self.topics.filters(subscribe)
         self._subscribed = threading.Event()
-
-    @property
-    @abstractmethod
-    def last_error(self) -> str | None:
-        """Why the broker connection is not up (a sentence naming the cause: unknown
-        CA, hostname mismatch, connection refused, ...), None while connected."""
-
-    @abstractmethod
-    def wait_subscribed(self, timeout_s: float) -> bool:
-        """True once the broker acknowledged the current session's subscription."""
-
-    def wait_connected(self, timeout_s: float) -> bool:
-        """Connected means subscribed for this source: chunks can arrive."""
-        return self.wait_subscribed(timeout_s)
-
-    def stats(self) -> dict:
-        snap = super().stats()
-        snap["last_error"] = self.last_error
-        return snap
 
     def origin(self, node: str, modality: str) -> dict[str, str]:
         """The topic a chunk came from, where the pattern determines it (no ``+`` level)."""
@@ -147,29 +128,29 @@ class MqttSourceBase(Source):
         return {"topic": self.topics.topic(node, modality)}
 
 
-class MqttSource(MqttSourceBase):
-    """Subscribes to the chunk topics in this process (``receiver = "thread"``)."""
+class MqttThreadSource(MqttSourceBase):
+    """Subscribes to the chunk topics in this process, on paho's network thread
+    (``receiver = "thread"``); sensors.live.mqtt_process is the other receiver."""
 
     def __init__(self, settings: MqttSourceSettings | None = None, *,
-                 allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None,
+                 modalities: Iterable[str] | None = None,
                  clock_check: ClockCheck | None = None):
-        super().__init__(settings, allowed_modalities=allowed_modalities, channels=channels,
-                         clock_check=clock_check)
+        super().__init__(settings, modalities=modalities, clock_check=clock_check)
         self._subscriber: Subscriber | None = None
-        self._last_error: str | None = None   # of a closed subscriber
 
-    @property
-    def connected(self) -> bool:
-        return self._subscriber is not None and self._subscriber.connected
+    def _transport_up(self) -> bool:
+        subscriber = self._subscriber
+        return subscriber is not None and subscriber.connected
 
     @property
     def alive(self) -> bool:
-        return self._subscriber is None or self._subscriber.alive
+        subscriber = self._subscriber
+        return subscriber is None or subscriber.alive
 
     @property
     def last_error(self) -> str | None:
-        return self._last_error if self._subscriber is None else self._subscriber.last_error
+        subscriber = self._subscriber   # while open, the live connection's cause
+        return self._last_error if subscriber is None else subscriber.last_error
 
     def open(self) -> None:
         if self._subscriber is not None:
@@ -177,7 +158,7 @@ class MqttSource(MqttSourceBase):
         s = self.settings
         subscriber = Subscriber(
             s.mqtt, self.topics, qos=s.qos, max_payload=s.max_payload_bytes,
-            allowed=self.validator.allowed, counters=self._counters, deliver=self._deliver,
+            allowed=self.allowed, counters=self._counters, deliver=self._deliver,
             on_state=self._on_state, filters=self.filters, session_expiry_s=s.session_expiry)
         self._subscriber = subscriber  # before start(): its callbacks look it up
         try:
@@ -189,9 +170,9 @@ class MqttSource(MqttSourceBase):
         log.info("MQTT source connecting to %s:%d, topic filters %s", s.mqtt.host, s.mqtt.port,
                  self.filters)
 
-    def wait_subscribed(self, timeout_s: float) -> bool:
+    def wait_connected(self, timeout_s: float) -> bool:
         """True once the broker acknowledged the current session's subscription."""
-        return self._subscribed.wait(timeout_s)
+        return self._subscribed.wait(max(0.0, timeout_s))
 
     def close(self) -> None:
         subscriber, self._subscriber = self._subscriber, None
@@ -209,19 +190,6 @@ class MqttSource(MqttSourceBase):
             self._subscribed.clear()
 
     def _deliver(self, node: str, modality: str, payload: bytes, received_ns: int) -> None:
-        # RejectedPayload propagates to the subscriber, which counts it.
-        chunk = self.validator.decode(payload, node, modality, self.settings.max_payload_bytes)
-        self._offer(chunk, received_ns)  # counts it decoded (or refuses its clock)
-
-
-def make_mqtt_source(settings: MqttSourceSettings, *,
-                     allowed_modalities: Iterable[str] | None = None,
-                     channels: Mapping[str, int] | None = None,
-                     clock_check: ClockCheck | None = None) -> Source:
-    """The MQTT source the settings' ``receiver`` names (same interface, same counters)."""
-    if settings.receiver == "thread":
-        return MqttSource(settings, allowed_modalities=allowed_modalities, channels=channels,
-                          clock_check=clock_check)
-    from edgefuse.sensors.live.mqtt_process import MqttProcessSource  # imports this module
-    return MqttProcessSource(settings, allowed_modalities=allowed_modalities, channels=channels,
-                             clock_check=clock_check)
+        # Size and modality were checked by the subscriber; RejectedMessage propagates
+        # to it, which counts it.
+        self._offer(decode_payload(payload, node, modality), received_ns)

@@ -1,15 +1,17 @@
 """The paho side of both MQTT receivers: subscribe, check cheaply, hand over.
 
 ``Subscriber`` owns one paho client subscribed to the chunk topics: one
-filter per modality it is given (sensors.topics), so our own decisions are
+filter per modality it is given (sensors.live.topics), so our own decisions are
 never delivered. Its callbacks run on paho's network thread, so they only
 count and check, in this order: topic, reserved modality (``decisions``:
 counted in ``ignored``; reached only with the catch-all filter), size
 (before any parsing), allowed modality. A payload that passes goes to
 ``deliver(node, modality, payload, received_ns)``: the in-process source
-decodes and queues it, the receiver process frames it for the daemon.
+decodes and queues it, the receiver process frames it for the daemon. These
+are the MQTT path's only size and modality checks: what is delivered is only
+decoded after this (sensors.live.accounting: one owner per check).
 Connection changes call ``on_state()``; ``last_error`` says why the last
-connection attempt failed (runtime.mqtt_client.ConnectionStatus).
+connection attempt failed (sensors.live.mqtt_client.ConnectionStatus).
 
 With ``session_expiry_s`` > 0 the session is persistent: the broker keeps
 the subscription and queues QoS 1 messages while we are away.
@@ -25,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from edgefuse.sensors.live import mqtt_client
 from edgefuse.runtime.core.ratelimit import WarnLimiter
 from edgefuse.sensors.live.accounting import (
-    BAD_TOPIC, Counters, RejectedPayload, count_rejection, unknown_modality,
+    BAD_TOPIC, OVERSIZED, Counters, RejectedMessage, check_modality, count_rejection,
 )
 from edgefuse.sensors.live.topics import RESERVED_MODALITIES, TopicPattern
 
@@ -148,18 +150,18 @@ class Subscriber:
             if modality in RESERVED_MODALITIES:
                 self.counters.add("ignored")
                 return
+            # The one size check of the MQTT path: before any parsing or copy.
             if len(payload) > self.max_payload:
-                raise RejectedPayload(
-                    "oversized", f"{node}/{modality}: payload of {len(payload)} bytes exceeds "
+                raise RejectedMessage(
+                    OVERSIZED, f"{node}/{modality}: payload of {len(payload)} bytes exceeds "
                     f"the limit of {self.max_payload}; send smaller chunks or raise "
                     "max_payload_bytes")
-            if self.allowed is not None and modality not in self.allowed:
-                raise unknown_modality(modality, self.allowed)
+            check_modality(modality, self.allowed)
             self._deliver(node, modality, payload, received_ns)
-        except RejectedPayload as exc:
+        except RejectedMessage as exc:
             count_rejection(self.counters, exc, topic=topic, node=node, modality=modality)
         except UnicodeDecodeError:  # topic that is not UTF-8
-            count_rejection(self.counters, RejectedPayload(BAD_TOPIC, "topic is not valid "
+            count_rejection(self.counters, RejectedMessage(BAD_TOPIC, "topic is not valid "
                                                            "UTF-8"), topic="(not UTF-8)")
         except Exception:  # noqa: BLE001 - an escaping exception would stop paho's thread
             self.counters.malformed("internal_error")

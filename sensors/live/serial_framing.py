@@ -1,17 +1,26 @@
-"""Pure parsers of the three serial protocols: ``feed(bytes) -> list[Chunk]``.
+"""Pure parsers of the serial protocols: ``feed(bytes) -> list[Chunk]``.
+
+JSON lines and binary frames here, CSV lines in sensors.live.serial_csv; the
+one table naming the three is ``serial_source.PROTOCOLS``.
 
 No port, no thread, no clock: bytes in, chunks out, everything else counted
-in ``errors`` (reason -> count, reasons from edgefuse.sensors.live.base and below)
-and ``skipped_bytes``. They never raise on bad input; every buffer is bounded.
-``take_news()`` hands the caller the errors since its last call, each reason
-with a line saying what was expected and found, so the caller (the serial
-source) can warn about them with the port named. Time enters only as an
-argument: ``poll(now)`` drops a binary frame that started but stalled.
+in ``errors`` (reason -> count, reasons of sensors.live.accounting and
+below) and ``skipped_bytes``, both in ``stats()``. They never raise on bad
+input; every buffer is bounded. ``take_stream_news()`` hands the caller the
+errors since its last call, each with a line saying what was expected and
+found, so the caller (the serial source) can warn about them with the port
+named. Time enters only as an argument: ``poll(now)`` drops a binary frame
+that started but stalled; ``idle()`` is called when the line went quiet.
+
+The parsers own the checks of the serial path: a line's or frame's size
+(``max_line_bytes``, ``max_frame_bytes``) and the allowed modalities. The
+channel count is the aligner's check (sensors.live.accounting).
+
 
 (a) JSON lines: one object per line, ``{"node": .., "modality": .., <the JSON
-    chunk fields of runtime.wire>}``, UTF-8, ``\\n`` (or ``\\r\\n``) ended.
+    chunk fields of runtime.core.wire>}``, UTF-8, ``\\n`` (or ``\\r\\n``) ended.
 (b) CSV lines: ``modality,t_ns,v1,v2,...``, one sample per line, node from
-    config; consecutive samples are grouped into chunks (see CsvLineParser).
+    config; consecutive samples are grouped into chunks (serial_csv.CsvLineParser).
 (c) Binary frames (little-endian), resynchronisable after garbage:
 
     offset       size  field
@@ -22,7 +31,7 @@ argument: ``poll(now)`` drops a binary frame that started but stalled.
     10           4     header_crc: zlib.crc32 of bytes 4..9
     14           n     node, UTF-8
     14+n         m     modality, UTF-8
-    14+n+m       p     payload: a runtime.wire chunk (binary ``EFCK...``; JSON accepted)
+    14+n+m       p     payload: a runtime.core.wire chunk (binary ``EFCK...``; JSON accepted)
     14+body_len  4     body_crc: zlib.crc32 of bytes 14 .. 14+body_len-1
 
     The header CRC rejects a false sync after 14 bytes, so garbage never makes
@@ -38,16 +47,20 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from collections.abc import Mapping
-
-import numpy as np
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from edgefuse.runtime.core import wire
 from edgefuse.runtime.core.chunk import Chunk
-from edgefuse.runtime.core.errors import InputError, WireFormatError
-from edgefuse.sensors.live.base import (
-    BAD_CRC, BAD_CSV, BAD_FIELDS, BAD_FRAME, BAD_JSON, TRUNCATED, ChunkValidator, RejectedPayload,
+from edgefuse.runtime.core.errors import WireFormatError
+from edgefuse.sensors.live.accounting import (
+    BAD_CRC, BAD_FIELDS, BAD_FRAME, BAD_JSON, OVERSIZED, TRUNCATED, RejectedMessage,
+    check_modality,
 )
+from edgefuse.sensors.live.base import decode_payload
+
+if TYPE_CHECKING:  # the settings import this module
+    from edgefuse.sensors.live.serial_source import SerialSettings
 
 SYNC = b"\xa5\x5aEF"
 FRAME_HEAD = struct.Struct("<4sIBBI")   # sync, body_len, node_len, modality_len, header_crc
@@ -64,13 +77,13 @@ MAX_FRAME_LIMIT = 16 * 1024 * 1024    # the largest max_frame_bytes / max_line_b
 MIN_BUFFER = 64                       # the smallest max_frame_bytes / max_line_bytes allowed
 BITS_PER_BYTE = 10                    # UART 8N1: start + 8 data + stop bits
 
-# Reasons counted here besides those of edgefuse.sensors.live.base.
-OVERSIZED = "oversized"                # a line/frame longer than the configured bound
+# Reasons counted here besides those of sensors.live.accounting (and OVERSIZED: a
+# line/frame longer than the configured bound, counted as stats()["oversized"]).
 FRAME_TIMEOUT = "frame_timeout"        # a frame started but did not complete in time
 
 
 def encode_frame(node: str, modality: str, payload: bytes) -> bytes:
-    """One binary frame around an already-encoded runtime.wire payload."""
+    """One binary frame around an already-encoded runtime.core.wire payload."""
     n, m = node.encode(), modality.encode()
     if not (1 <= len(n) <= MAX_NAME and 1 <= len(m) <= MAX_NAME):
         raise WireFormatError(f"node and modality must be 1..{MAX_NAME} UTF-8 bytes, "
@@ -90,36 +103,33 @@ def encode_json_line(chunk: Chunk) -> bytes:
                       separators=(",", ":")).encode() + b"\n"
 
 
-def encode_csv_lines(chunk: Chunk) -> bytes:
-    """One ``modality,t_ns,v...`` line per sample; needs the chunk's rate for t_ns."""
-    if chunk.rate_hz is None:
-        raise WireFormatError("CSV lines carry one time per sample; the chunk needs a rate")
-    period = 1e9 / chunk.rate_hz
-    return b"".join(
-        (f"{chunk.modality},{chunk.t0_ns + int(round(i * period))},"
-         + ",".join(repr(float(v)) for v in row) + "\n").encode()
-        for i, row in enumerate(chunk.samples))
+MAX_NEWS_KEYS = 64  # distinct (reason, node, modality) kept between two take_stream_news()
 
 
-MAX_NEWS_KEYS = 64  # distinct (reason, node, modality) kept between two take_news()
+class Parser:
+    """What the parsers share: counting by reason, news for the warnings, stats,
+    bounded line splitting (the line protocols), and ``from_settings``."""
 
-
-class _Parser:
-    """Counting and bounded line splitting shared by the parsers."""
-
-    def __init__(self, max_bytes: int, validator: ChunkValidator | None):
+    def __init__(self, max_bytes: int, allowed: Iterable[str] | None):
+        """allowed: the modalities accepted (None: any)."""
         if max_bytes < MIN_BUFFER:
             raise ValueError(f"max line/frame length must be >= {MIN_BUFFER} bytes, "
                              f"found {max_bytes!r}")
         self.max_bytes = max_bytes
-        self.validator = validator or ChunkValidator()
+        self.allowed = None if allowed is None else frozenset(allowed)
         self.errors: dict[str, int] = {}
         self.skipped_bytes = 0
         self._buf = bytearray()
         self._discarding = False  # inside an over-long line: drop up to the next newline
-        # (reason, node, modality) -> [count, detail of the latest one] since take_news();
+        # (reason, node, modality) -> [count, detail of the latest one] since the last
+        # take_stream_news();
         # bounded by MAX_NEWS_KEYS, so a caller that never asks costs nothing
-        self._news: dict[str, list] = {}
+        self._news: dict[tuple[str, str | None, str | None], list] = {}
+
+    @classmethod
+    def from_settings(cls, s: SerialSettings, allowed: Iterable[str] | None) -> Parser:
+        """The parser the serial settings describe; allowed: the modalities accepted."""
+        raise NotImplementedError(f"{cls.__name__} is built directly")
 
     def _error(self, reason: str, detail: str, node: str | None = None,
                modality: str | None = None) -> None:
@@ -141,15 +151,17 @@ class _Parser:
         news, self._news = self._news, {}
         return {key: (n, detail) for key, (n, detail) in news.items()}
 
-    def take_news(self) -> dict[str, tuple[int, str]]:
-        """Errors since the last call: reason -> (count, what the latest one was)."""
-        out: dict[str, tuple[int, str]] = {}
-        for (reason, _, _), (n, detail) in self.take_stream_news().items():
-            out[reason] = (out.get(reason, (0, ""))[0] + n, detail)
-        return out
+    def stats(self) -> dict:
+        """``malformed``: reason -> count (``oversized`` among them), ``skipped_bytes``."""
+        return {"malformed": dict(self.errors), "skipped_bytes": self.skipped_bytes}
 
     def poll(self, now: float) -> list[Chunk]:
         """Time-driven work (``now``: time.monotonic()); the line protocols have none."""
+        return []
+
+    def idle(self) -> list[Chunk]:
+        """The line went quiet (``idle_flush_s``): chunks held back, if the protocol
+        holds any (CSV does)."""
         return []
 
     def _lines(self, data: bytes) -> list[bytes]:
@@ -193,10 +205,14 @@ class _Parser:
         return []
 
 
-class JsonLineParser(_Parser):
+class JsonLineParser(Parser):
     def __init__(self, max_line_bytes: int = DEFAULT_MAX_LINE,
-                 validator: ChunkValidator | None = None):
-        super().__init__(max_line_bytes, validator)
+                 allowed: Iterable[str] | None = None):
+        super().__init__(max_line_bytes, allowed)
+
+    @classmethod
+    def from_settings(cls, s: SerialSettings, allowed: Iterable[str] | None) -> JsonLineParser:
+        return cls(s.max_line_bytes, allowed)
 
     def feed(self, data: bytes) -> list[Chunk]:
         out = []
@@ -215,129 +231,19 @@ class JsonLineParser(_Parser):
                 if not (isinstance(node, str) and isinstance(modality, str) and node and modality):
                     node = modality = None
                     raise WireFormatError("'node' and 'modality' must be non-empty strings")
-                self.validator.check_modality(modality)
-                out.append(self.validator.check_chunk(wire.chunk_from_json_obj(obj, node, modality)))
-            except RejectedPayload as exc:
+                check_modality(modality, self.allowed)
+                out.append(wire.chunk_from_json_obj(obj, node, modality))
+            except RejectedMessage as exc:
                 self._error(exc.reason, str(exc), node, modality)
             except (WireFormatError, KeyError, TypeError, ValueError, OverflowError) as exc:
                 reason = getattr(exc, "reason", None) or BAD_FIELDS
                 self._error(reason, "a JSON line without a valid chunk "
                             f"({type(exc).__name__}: {str(exc)[:160]}); expected 'node', "
-                            "'modality' and the chunk fields of runtime.wire", node, modality)
+                            "'modality' and the chunk fields of runtime.core.wire", node, modality)
         return out
 
 
-class CsvLineParser(_Parser):
-    """``modality,t_ns,v1,...`` lines grouped into chunks of one modality.
-
-    A chunk is emitted when it holds ``group_samples`` samples, or before a
-    sample that changes the modality or channel count, goes back in time, or
-    comes more than ``max_gap_ns`` after the previous one (default: 1.5
-    periods when the modality's rate is configured, else 200 ms), and on
-    ``flush()``. rate_hz is the configured rate of the modality, else None
-    (the aligner estimates it). ``flushes`` counts why chunks were emitted.
-    """
-
-    DEFAULT_GAP_NS = 200_000_000
-
-    def __init__(self, node: str, *, group_samples: int = 64, max_gap_ns: int | None = None,
-                 rate_hz: Mapping[str, float] | None = None,
-                 max_line_bytes: int = 4096, validator: ChunkValidator | None = None):
-        super().__init__(max_line_bytes, validator)
-        if not node:
-            raise ValueError("CSV lines carry no node; give the node name")
-        if not 1 <= group_samples <= 1 << 16:
-            raise ValueError(f"group_samples must be 1..65536, found {group_samples!r}")
-        self.node = node
-        self.group_samples = group_samples
-        self.max_gap_ns = max_gap_ns
-        self.rate_hz = dict(rate_hz or {})
-        self.flushes = {"size": 0, "modality": 0, "gap": 0, "backwards": 0, "channels": 0,
-                        "explicit": 0}
-        self._seq: dict[str, int] = {}
-        self._modality: str | None = None
-        self._times: list[int] = []
-        self._rows: list[list[float]] = []
-
-    def _gap_ns(self, modality: str) -> int:
-        if self.max_gap_ns is not None:
-            return self.max_gap_ns
-        rate = self.rate_hz.get(modality)
-        return int(1.5e9 / rate) if rate else self.DEFAULT_GAP_NS
-
-    def _emit(self, why: str) -> list[Chunk]:
-        if not self._rows:
-            return []
-        modality, rows, t0 = self._modality, self._rows, self._times[0]
-        self._rows, self._times = [], []
-        self.flushes[why] += 1
-        seq = self._seq.get(modality, 0)
-        self._seq[modality] = seq + 1
-        try:
-            chunk = Chunk(self.node, modality, t0, self.rate_hz.get(modality),
-                          np.asarray(rows, dtype=np.float32), seq)
-            return [self.validator.check_chunk(chunk)]
-        except RejectedPayload as exc:
-            self._error(exc.reason, str(exc), self.node, modality)
-        except InputError as exc:
-            self._error(BAD_CSV, f"samples that make no chunk: {str(exc)[:160]}", self.node,
-                        modality)
-        return []
-
-    def _sample(self, line: bytes) -> tuple[str, int, list[float]] | None:
-        try:
-            fields_ = line.decode("ascii").split(",")
-            modality = fields_[0].strip()
-            t_ns = int(fields_[1])
-            values = [float(v) for v in fields_[2:]]
-        except (UnicodeDecodeError, ValueError, IndexError):
-            return None
-        if (not modality or not values or len(values) > wire.MAX_CHANNELS
-                or not -(1 << 63) <= t_ns < (1 << 63)):
-            return None
-        return modality, t_ns, values
-
-    def feed(self, data: bytes) -> list[Chunk]:
-        out: list[Chunk] = []
-        for line in self._lines(data):
-            if not line.strip() or line.startswith(b"#"):
-                continue
-            sample = self._sample(line)
-            if sample is None:
-                self._error(BAD_CSV, f"expected 'modality,t_ns,v1,...' (at most "
-                            f"{wire.MAX_CHANNELS} values), found {line[:60]!r}")
-                continue
-            modality, t_ns, values = sample
-            try:
-                self.validator.check_modality(modality)
-            except RejectedPayload as exc:
-                self._error(exc.reason, str(exc), self.node, modality)
-                continue
-            if self._rows:
-                last = self._times[-1]
-                why = ("modality" if modality != self._modality
-                       else "channels" if len(values) != len(self._rows[0])
-                       else "backwards" if t_ns <= last
-                       else "gap" if t_ns - last > self._gap_ns(modality) else None)
-                if why:
-                    out += self._emit(why)
-            self._modality = modality
-            self._times.append(t_ns)
-            self._rows.append(values)
-            if len(self._rows) >= self.group_samples:
-                out += self._emit("size")
-        return out
-
-    def flush(self) -> list[Chunk]:
-        """Emit the samples held back (call when the line goes idle)."""
-        return self._emit("explicit")
-
-    def reset(self) -> list[Chunk]:
-        super().reset()
-        return self.flush()
-
-
-class BinaryFrameParser(_Parser):
+class BinaryFrameParser(Parser):
     """Frames of the layout in the module docstring; resyncs on the sync bytes.
 
     max_frame_bytes bounds a whole frame (header and CRCs included) and so the
@@ -349,9 +255,9 @@ class BinaryFrameParser(_Parser):
     """
 
     def __init__(self, max_frame_bytes: int = DEFAULT_MAX_FRAME,
-                 validator: ChunkValidator | None = None, *,
+                 allowed: Iterable[str] | None = None, *,
                  frame_timeout_s: float | None = None, byte_time_s: float = 0.0):
-        super().__init__(max_frame_bytes, validator)
+        super().__init__(max_frame_bytes, allowed)
         if frame_timeout_s is not None and not frame_timeout_s > 0:
             raise ValueError(f"frame_timeout_s must be > 0 or None, found {frame_timeout_s!r}")
         if not byte_time_s >= 0:
@@ -359,6 +265,12 @@ class BinaryFrameParser(_Parser):
         self.frame_timeout_s = frame_timeout_s
         self.byte_time_s = byte_time_s
         self._since: float | None = None  # when poll() first saw the frame now at the front
+
+    @classmethod
+    def from_settings(cls, s: SerialSettings,
+                      allowed: Iterable[str] | None) -> BinaryFrameParser:
+        return cls(s.max_frame_bytes, allowed, frame_timeout_s=s.frame_timeout_s,
+                   byte_time_s=BITS_PER_BYTE / s.baud)
 
     def reset(self) -> list[Chunk]:
         if self._buf.startswith(SYNC):
@@ -462,20 +374,13 @@ class BinaryFrameParser(_Parser):
             self._error(BAD_FRAME, f"a frame whose node/modality are not UTF-8: {body[:n + m]!r}")
             return None
         try:
-            # the frame bound is the payload bound: the frame was already accepted by length
-            return self.validator.decode(body[n + m:], node, modality, self.max_bytes)
-        except RejectedPayload as exc:
+            # The frame was accepted by its length (feed): no second size check here.
+            check_modality(modality, self.allowed)
+            return decode_payload(body[n + m:], node, modality)
+        except RejectedMessage as exc:
             self._error(exc.reason, str(exc), node, modality)
             return None
 
 
-def make_parser(protocol: str, **kwargs) -> JsonLineParser | CsvLineParser | BinaryFrameParser:
-    parsers = {"json": JsonLineParser, "csv": CsvLineParser, "binary": BinaryFrameParser}
-    if protocol not in parsers:
-        raise ValueError(f"serial protocol must be one of {sorted(parsers)}, found {protocol!r}")
-    return parsers[protocol](**kwargs)
-
-
-__all__ = ["FRAME_TIMEOUT", "OVERSIZED", "SYNC", "BinaryFrameParser", "CsvLineParser",
-           "JsonLineParser", "encode_chunk_frame", "encode_csv_lines", "encode_frame",
-           "encode_json_line", "make_parser"]
+__all__ = ["FRAME_TIMEOUT", "OVERSIZED", "SYNC", "BinaryFrameParser", "JsonLineParser",
+           "Parser", "encode_chunk_frame", "encode_frame", "encode_json_line"]

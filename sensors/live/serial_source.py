@@ -1,12 +1,14 @@
 """Chunks from a serial port (pyserial): JSON lines, CSV lines or binary frames.
 
-The protocols are parsed by the pure classes of serial_framing. A reader
-thread owns the port: it opens it (exclusive lock, so two readers cannot
-split the byte stream), reads what is there, feeds the parser and enqueues
-chunks. When the device goes away (SerialException/OSError: unplugged,
+The protocols are parsed by the pure classes of serial_framing and
+serial_csv; ``PROTOCOLS`` below is the one table of them (name -> parser,
+sender-side encoder). A reader thread owns the port: it opens it (exclusive
+lock, so two readers cannot split the byte stream), reads what is there,
+feeds the parser and enqueues chunks. When the device goes away (SerialException/OSError: unplugged,
 socat gone) the thread closes the port, counts a disconnect, drops the
 partial frame (counted ``truncated``) and retries opening with a capped
-exponential backoff until close(). Bad data never stops the thread.
+exponential backoff (runtime.core.backoff: ``reopen_min_s`` doubling up to
+``reopen_max_s``) until close(). Bad data never stops the thread.
 
 Every refused line or frame is counted by reason in stats()["malformed"]
 (``oversized`` on its own, as for MQTT) and warned about with the port and
@@ -27,20 +29,45 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import serial
 
+from edgefuse.runtime.core.backoff import Backoff
+from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import ConfigError
 from edgefuse.runtime.core.ratelimit import WarnLimiter
 from edgefuse.sensors.live import serial_framing
-from edgefuse.sensors.live.base import DEFAULT_QUEUE_MAX, ChunkValidator, ClockCheck, Source
+from edgefuse.sensors.live.accounting import OVERSIZED
+from edgefuse.sensors.live.base import DEFAULT_QUEUE_MAX, ClockCheck, Source
+from edgefuse.sensors.live.serial_csv import CsvLineParser, encode_csv_lines
+from edgefuse.sensors.live.serial_framing import (
+    BinaryFrameParser, JsonLineParser, encode_chunk_frame, encode_json_line,
+)
 
 log = logging.getLogger(__name__)
 
-PROTOCOLS = ("json", "csv", "binary")
 READ_MAX = 4096  # bytes per read() call: bounds the work between stop checks
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One serial protocol: how a receiver parses it, how a sender encodes it."""
+
+    parser: type[JsonLineParser] | type[CsvLineParser] | type[BinaryFrameParser]
+    # (chunk, dtype of a binary payload, e.g. "<i2") -> the bytes on the line; the
+    # line protocols write numbers as text and ignore the dtype
+    encode: Callable[[Chunk, str], bytes]
+
+
+# The one table of the serial protocols: the settings check names against it, the
+# source builds its parser from it, `edgefuse simulate` encodes with it.
+PROTOCOLS: dict[str, Protocol] = {
+    "json": Protocol(JsonLineParser, lambda chunk, dtype: encode_json_line(chunk)),
+    "csv": Protocol(CsvLineParser, lambda chunk, dtype: encode_csv_lines(chunk)),
+    "binary": Protocol(BinaryFrameParser, encode_chunk_frame),
+}
 
 
 @dataclass(frozen=True)
@@ -61,12 +88,12 @@ class SerialSettings:
     reopen_min_s: float = 0.2
     reopen_max_s: float = 5.0
     allowed_modalities: tuple[str, ...] | None = None
-    channels: Mapping[str, int] | None = None
     queue_max: int = DEFAULT_QUEUE_MAX
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"serial protocol must be one of {PROTOCOLS}, found {self.protocol!r}")
+            raise ConfigError(f"serial protocol must be one of {tuple(PROTOCOLS)}, found "
+                              f"{self.protocol!r}")
         if self.protocol == "csv" and not self.node:
             raise ConfigError("serial protocol 'csv' needs node = '<name>' (CSV lines carry none)")
         if not 50 <= self.baud <= 16_000_000:
@@ -90,40 +117,32 @@ class SerialSettings:
 
 
 class SerialSource(Source):
+    """Chunks from one serial port (module docstring); name ``serial:<device>``."""
+
     COUNTERS = Source.COUNTERS + ("open_failures", "bytes")
 
     def __init__(self, settings: SerialSettings, *,
-                 allowed_modalities: Iterable[str] | None = None,
-                 channels: Mapping[str, int] | None = None,
+                 modalities: Iterable[str] | None = None,
                  warn_limiter: WarnLimiter | None = None,
                  clock_check: ClockCheck | None = None):
-        """warn_limiter: rate-limits this source's warnings (tests inject a clock);
-        clock_check: compare t0 with the receipt time (sensors.base.ClockCheck)."""
+        """modalities: the model's modalities, the ones a line may carry unless the
+        settings' allowed_modalities say otherwise (None with neither: any). A serial
+        line carries any modality name, so the ones the model has no use for are
+        refused here, named ("Acoustic": did you mean 'acoustic'?), as MQTT's
+        per-modality subscriptions never receive them.
+        warn_limiter: rate-limits this source's warnings (tests inject a clock);
+        clock_check: compare t0 with the receipt time (sensors.live.base.ClockCheck)."""
         self.settings = settings
-        super().__init__(settings.queue_max, clock_check)
+        super().__init__(f"serial:{settings.device}", settings.queue_max, clock_check)
         self._warner = warn_limiter or WarnLimiter(log)
-        validator = ChunkValidator(
-            allowed_modalities if allowed_modalities is not None else settings.allowed_modalities,
-            channels if channels is not None else settings.channels)
-        s = settings
-        if s.protocol == "json":
-            self.parser = serial_framing.JsonLineParser(s.max_line_bytes, validator)
-        elif s.protocol == "csv":
-            self.parser = serial_framing.CsvLineParser(
-                s.node, group_samples=s.csv_group_samples, max_gap_ns=s.csv_max_gap_ns,
-                rate_hz=s.csv_rate_hz, max_line_bytes=min(s.max_line_bytes, 64 * 1024),
-                validator=validator)
-        else:
-            self.parser = serial_framing.BinaryFrameParser(
-                s.max_frame_bytes, validator, frame_timeout_s=s.frame_timeout_s,
-                byte_time_s=serial_framing.BITS_PER_BYTE / s.baud)
+        allowed = settings.allowed_modalities or modalities
+        self.parser = PROTOCOLS[settings.protocol].parser.from_settings(settings, allowed)
         self._parser_lock = threading.Lock()  # stats() reads parser counters from other threads
         self._stop = threading.Event()
         self._port_open = threading.Event()
         self._thread: threading.Thread | None = None
 
-    @property
-    def connected(self) -> bool:
+    def _transport_up(self) -> bool:
         return self._port_open.is_set()
 
     @property
@@ -141,7 +160,8 @@ class SerialSource(Source):
         self._thread.start()
 
     def wait_connected(self, timeout_s: float) -> bool:
-        return self._port_open.wait(timeout_s)
+        """True once the port is open."""
+        return self._port_open.wait(max(0.0, timeout_s))
 
     def close(self, timeout_s: float = 2.0) -> None:
         self._stop.set()
@@ -160,13 +180,11 @@ class SerialSource(Source):
         """
         snap = super().stats()
         with self._parser_lock:
-            for reason, n in self.parser.errors.items():
-                snap["malformed"][reason] = snap["malformed"].get(reason, 0) + n
-            snap["skipped_bytes"] = self.parser.skipped_bytes
-            if isinstance(self.parser, serial_framing.CsvLineParser):
-                for why, n in self.parser.flushes.items():
-                    snap[f"csv_flushes_{why}"] = n
-        snap["oversized"] += snap["malformed"].pop(serial_framing.OVERSIZED, 0)
+            parsed = self.parser.stats()
+        for reason, n in parsed.pop("malformed").items():
+            snap["malformed"][reason] = snap["malformed"].get(reason, 0) + n
+        snap.update(parsed)
+        snap[OVERSIZED] += snap["malformed"].pop(OVERSIZED, 0)
         snap["malformed_total"] = sum(snap["malformed"].values())
         # a serial "message" is a line or frame: the good ones plus the refused ones
         snap["received"] = snap["decoded"] + snap["malformed_total"] + snap["oversized"]
@@ -174,20 +192,19 @@ class SerialSource(Source):
 
     # --- reader thread ---------------------------------------------------
     def _run(self) -> None:
-        delay = self.settings.reopen_min_s
+        reopen = Backoff(self.settings.reopen_min_s, self.settings.reopen_max_s)
         port: serial.Serial | None = None
         while not self._stop.is_set():
             if port is None:
                 port = self._try_open()
                 if port is None:
-                    self._stop.wait(delay)
-                    delay = min(delay * 2, self.settings.reopen_max_s)
+                    self._stop.wait(reopen.next())
                     continue
-                delay = self.settings.reopen_min_s
+                reopen.reset()
             try:
                 data = port.read(min(max(port.in_waiting, 1), READ_MAX))
             except (serial.SerialException, OSError) as exc:
-                self.last_error = f"{self.settings.device} failed: {exc}"
+                self._last_error = f"{self.settings.device} failed: {exc}"
                 self._warner.warn((self.settings.device, "disconnect"),
                                   "serial device %s failed (%s); reopening", self.settings.device,
                                   exc)
@@ -211,12 +228,12 @@ class SerialSource(Source):
                                          exclusive=s.exclusive)
         except (serial.SerialException, OSError, ValueError) as exc:
             self._counters.add("open_failures")
-            self.last_error = f"cannot open {s.device}: {exc}"
+            self._last_error = f"cannot open {s.device}: {exc}"
             self._warner.warn((s.device, "open_failed"),
                               "cannot open serial device %s (%s); retrying every %.1f s at most",
                               s.device, exc, s.reopen_max_s)
             return None
-        self.last_error = None
+        self._last_error = None
         if self._counters.add("connects") > 0:
             self._counters.add("reconnects")
         log.info("serial device %s open (%d baud, %s)", s.device, s.baud, s.protocol)
@@ -237,9 +254,8 @@ class SerialSource(Source):
             self._counters.add("bytes", len(data))
             self._last_data = now
             self._deliver(lambda: self.parser.feed(data))
-        elif (isinstance(self.parser, serial_framing.CsvLineParser)
-              and now - self._last_data >= self.settings.idle_flush_s):
-            self._deliver(self.parser.flush)
+        elif now - self._last_data >= self.settings.idle_flush_s:
+            self._deliver(self.parser.idle)  # CSV emits the samples it held back
             self._last_data = now
         # after every read, data or not (reads return empty every read_timeout_s):
         # a binary frame that stalled is dropped here

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 
 from edgefuse.runtime.core.errors import ConfigError
-from edgefuse.sensors.live.accounting import BAD_TOPIC, RejectedPayload
+from edgefuse.sensors.live.accounting import BAD_TOPIC, RejectedMessage
 
 DEFAULT_PATTERN = "edgefuse/{node}/{modality}"
 RESERVED_MODALITIES = frozenset({"decisions"})
@@ -74,7 +74,7 @@ class TopicPattern:
     def parse(self, topic: str) -> tuple[str, str]:
         match = self._regex.match(topic)
         if match is None:
-            raise RejectedPayload(BAD_TOPIC, f"topic {topic!r} does not match {self.pattern!r}")
+            raise RejectedMessage(BAD_TOPIC, f"topic {topic!r} does not match {self.pattern!r}")
         return match["node"], match["modality"]
 
     def topic(self, node: str, modality: str) -> str:

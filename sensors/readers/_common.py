@@ -8,11 +8,12 @@ a float number of seconds since 1970 has only ~0.2 us resolution.
 from __future__ import annotations
 
 import calendar
+import heapq
 import re
 from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal
 from fractions import Fraction
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -59,6 +60,21 @@ class OfflineSource:
     streams: tuple[StreamInfo, ...]
     start_ns: int | None
     open: Callable[[], Iterator[Chunk]]
+
+
+def chunk_order(chunk: Chunk) -> tuple[int, str, str, int]:
+    """The order in which recorded chunks reach the aligner: (t0_ns, node, modality, seq).
+
+    Replay (InputSet) and the training datasets both merge by this key, so they
+    feed the aligner the same chunks in the same order.
+    """
+    return (chunk.t0_ns, chunk.node, chunk.modality, chunk.seq)
+
+
+def merge_chunks(streams: Iterable[Iterable[Chunk]]) -> Iterator[Chunk]:
+    """Merge chunk iterators, each in its own time order, by chunk_order (ties: the
+    earlier iterator first); all are opened at once (InputSet opens them lazily)."""
+    return heapq.merge(*streams, key=chunk_order)
 
 
 def seconds_to_ns(value: Decimal | float | int | str) -> int:

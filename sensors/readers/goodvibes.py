@@ -1,21 +1,30 @@
 """Readers for the goodvibes acoustic + seismic recordings (see the data README).
 
-Three layouts:
+Layouts read here:
 - a pass folder `<target>.<run>.<node>/` with acoustic.wav and/or seismic.wav,
   meta.json and distance.csv; a folder of such folders (searched recursively);
 - raw 5-minute sensor files `Node<N>-Ch<1|2>-<seq>-<date>-<rate>Hz.wav` with
-  an optional `.wav.xml` sidecar, or a folder of them;
-- noise windows `node-<N>_location-<loc>_noise-<k>.wav` beside their noise.csv.
+  an optional `.wav.xml` sidecar, or a folder of them.
+Noise windows (`node-<N>_location-<loc>_noise-<k>.wav` beside noise.csv) are
+read by goodvibes_noise.py.
+
+This is the one parser of these files: replay and the training datasets
+(edgefuse.models.segments) both read a pass through `load_pass` and cut its
+samples into chunks through `WavSpan.chunks`, so they see the same samples at
+the same times.
 
 Chunk times follow the SENSOR clock (meta.json `t0_unix_s_sensor_clock`,
 `sensor_rate_hz_actual`; sidecar `sensorTime`, `sampleRateActual`): that is
 when the samples were recorded. The labelled (run log) time base is kept in
 PassInfo for training and evaluation.
+
+For training, PassInfo is the documented API: target, run, node, location,
+date, window_ok (window_check), the GPS distance track (distance_unix_ns,
+distance_m) and one WavSpan per modality (`span`).
 """
 from __future__ import annotations
 
 import csv
-import heapq
 import json
 import logging
 import os
@@ -30,7 +39,7 @@ import numpy as np
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import InputError
 from edgefuse.sensors.readers._common import (
-    OfflineSource, StreamInfo, chunk_frames, offset_ns, seconds_to_ns, utc_to_ns,
+    OfflineSource, StreamInfo, chunk_frames, merge_chunks, seconds_to_ns, utc_to_ns,
 )
 from edgefuse.sensors.readers.wavfile import WavReader, read_wav_info
 
@@ -42,12 +51,39 @@ FULL_SCALE = 32767.0
 RAW_NAME = re.compile(
     r"^Node(?P<node>\d+)-Ch(?P<ch>[12])-(?P<seq>\d+)-(?P<date>\d{4}_\d\d_\d\d_\d\d_\d\d_\d\d)"
     r"-(?P<rate>\d+)Hz\.wav$")
-NOISE_NAME = re.compile(r"^node-(?P<node>\d+)_location-(?P<loc>[^_]+)_noise-(?P<k>\d+)\.wav$")
 _MAX_SIDECAR_BYTES = 64 * 1024
 
 
-def _chunk_key(c: Chunk) -> tuple:
-    return (c.t0_ns, c.node, c.modality, c.seq)
+@dataclass(frozen=True)
+class WavSpan:
+    """Frames [first, first + frames) of one goodvibes WAV as one stream's chunks: the
+    first of them recorded at t0_ns (sensor clock), the rest every 1/rate_hz.
+
+    frames None: to the end of the WAV. Sample k's time is t0_ns + offset_ns(k,
+    rate_hz), computed exactly from k (no float seconds since 1970, no summing).
+    """
+
+    node: str
+    modality: str
+    wav_path: str
+    t0_ns: int
+    rate_hz: float
+    rate_is_nominal: bool = False
+    first: int = 0
+    frames: int | None = None
+
+    def chunks(self, chunk_s: float, seq0: int = 0) -> Iterator[Chunk]:
+        """Chunks of ~chunk_s seconds, seq counting from seq0; the WAV is opened when
+        the first chunk is asked for and closed after the last."""
+        with WavReader(self.wav_path, quiet=True) as reader:  # described at open already
+            first = min(self.first, reader.info.frames)
+            frames = reader.info.frames - first
+            if self.frames is not None:
+                frames = min(frames, self.frames)
+            yield from chunk_frames(self.node, self.modality,
+                                    lambda start, n: reader.read(first + start, n), frames,
+                                    self.t0_ns, self.rate_hz, chunk_s, full_scale=FULL_SCALE,
+                                    rate_is_nominal=self.rate_is_nominal, seq0=seq0)
 
 
 # ----------------------------------------------------------------- pass folders
@@ -67,13 +103,10 @@ class ModalityInfo:
     verified_against_raw: bool | None = None
     source_values_integer: bool | None = None
 
-    @property
-    def end_ns(self) -> int:
-        return self.t0_ns + offset_ns(self.samples, self.rate_hz)
-
-    @property
-    def label_end_ns(self) -> int:
-        return self.label_t0_ns + offset_ns(self.samples, self.label_rate_hz)
+    def span(self, node: str) -> WavSpan:
+        """The whole WAV on the sensor clock (or the labelled one where it lacks it)."""
+        return WavSpan(node, self.name, self.wav_path, self.t0_ns, self.rate_hz,
+                       self.rate_is_nominal)
 
 
 @dataclass(frozen=True)
@@ -119,6 +152,10 @@ class PassInfo:
         """Sensor clock minus labelled time at the first sample of `modality`."""
         m = self.modalities[modality]
         return m.t0_ns - m.label_t0_ns
+
+    def span(self, modality: str) -> WavSpan:
+        """The samples of `modality` with their times: what replay and training chunk."""
+        return self.modalities[modality].span(self.node)
 
     def streams(self) -> list[StreamInfo]:
         return [StreamInfo(self.node, m.name, 1, m.rate_hz, m.wav_path, m.rate_is_nominal,
@@ -220,25 +257,16 @@ def load_pass(path: str | os.PathLike) -> PassInfo:
                          "expected the layout described in the data README", path=meta_path) from exc
 
 
-def _wav_chunks(node: str, modality: str, wav_path: str, t0_ns: int, rate_hz: float,
-                chunk_s: float, rate_is_nominal: bool) -> Iterator[Chunk]:
-    with WavReader(wav_path, quiet=True) as reader:  # the header was described at open
-        yield from chunk_frames(node, modality, reader.read, reader.info.frames, t0_ns, rate_hz,
-                                chunk_s, full_scale=FULL_SCALE, rate_is_nominal=rate_is_nominal)
-
-
 def iter_pass(path: str | os.PathLike, chunk_s: float = 1.0) -> Iterator[Chunk]:
     """Chunks of every modality of one pass, merged in (t0, node, modality, seq) order."""
     info = load_pass(path)
-    streams = []
     for m in info.modalities.values():
         _check_frames(m)
-        streams.append(_wav_chunks(info.node, m.name, m.wav_path, m.t0_ns, m.rate_hz,
-                                   chunk_s, m.rate_is_nominal))
-    return heapq.merge(*streams, key=_chunk_key)
+    return merge_chunks(info.span(m).chunks(chunk_s) for m in info.modalities)
 
 
 def _check_frames(m: ModalityInfo) -> None:
+    """Warn when meta.json and the WAV disagree on the sample count (the WAV wins)."""
     frames = read_wav_info(m.wav_path).frames
     if frames != m.samples:
         log.warning("%s: meta.json says %d samples, the WAV holds %d; using the WAV",
@@ -262,10 +290,8 @@ def pass_sources(path: str, chunk_s: float) -> list[OfflineSource]:
     sources = []
     for m, stream in zip(info.modalities.values(), info.streams()):
         _check_frames(m)
-        sources.append(OfflineSource(
-            f"{path}:{m.name}", (stream,), m.t0_ns,
-            lambda m=m: _wav_chunks(info.node, m.name, m.wav_path, m.t0_ns, m.rate_hz,
-                                    chunk_s, m.rate_is_nominal)))
+        sources.append(OfflineSource(f"{path}:{m.name}", (stream,), m.t0_ns,
+                                     lambda span=m.span(info.node): span.chunks(chunk_s)))
     return sources
 
 
@@ -280,6 +306,10 @@ class RawWavInfo:
     rate_is_nominal: bool
     frames: int
     sidecar: dict[str, str]  # the XML attributes; empty without a sidecar
+
+    def span(self) -> WavSpan:
+        return WavSpan(self.node, self.modality, self.path, self.t0_ns, self.rate_hz,
+                       self.rate_is_nominal)
 
 
 def _read_sidecar(xml_path: str) -> dict[str, str]:
@@ -331,8 +361,7 @@ def raw_wav_info(path: str | os.PathLike) -> RawWavInfo:
 
 
 def iter_raw_wav(path: str | os.PathLike, chunk_s: float = 1.0) -> Iterator[Chunk]:
-    r = raw_wav_info(path)
-    return _wav_chunks(r.node, r.modality, r.path, r.t0_ns, r.rate_hz, chunk_s, r.rate_is_nominal)
+    return raw_wav_info(path).span().chunks(chunk_s)
 
 
 def find_raw_wavs(folder: str | os.PathLike) -> list[str]:
@@ -344,78 +373,4 @@ def raw_sources(path: str, chunk_s: float) -> list[OfflineSource]:
     r = raw_wav_info(path)
     stream = StreamInfo(r.node, r.modality, 1, r.rate_hz, r.path, r.rate_is_nominal,
                         r.t0_ns, r.frames)
-    return [OfflineSource(path, (stream,), r.t0_ns,
-                   lambda: _wav_chunks(r.node, r.modality, r.path, r.t0_ns, r.rate_hz,
-                                       chunk_s, r.rate_is_nominal))]
-
-
-# ---------------------------------------------------------------- noise windows
-@dataclass(frozen=True)
-class NoiseInfo:
-    """One noise WAV and its noise.csv row. Times: sensor clock, ms resolution."""
-
-    path: str
-    node: str
-    location: str
-    date: str
-    modality: str
-    rate_hz: int          # header rate (nominal)
-    samples: int
-    spans_ns: tuple[tuple[int, int], ...]  # when the samples were recorded
-    spliced: bool
-    overlapping_runs: tuple[str, ...]
-    row: dict[str, str]
-
-    @property
-    def t0_ns(self) -> int | None:
-        return self.spans_ns[0][0] if self.spans_ns else None
-
-
-def load_noise(folder: str | os.PathLike) -> list[NoiseInfo]:
-    """Every row of `folder`/noise.csv whose WAV is present in `folder`."""
-    folder = os.fspath(folder)
-    csv_path = os.path.join(folder, "noise.csv")
-    out = []
-    try:
-        f = open(csv_path, newline="")
-    except OSError as exc:
-        raise InputError(f"{csv_path}: cannot read the noise index: {exc}", path=csv_path) from exc
-    with f:
-        for row in csv.DictReader(f):
-            wav = os.path.join(folder, row.get("filename", ""))
-            if not os.path.exists(wav):
-                continue
-            try:
-                spans = tuple((utc_to_ns(a), utc_to_ns(b)) for a, b in
-                              (s.split("/") for s in row["source_spans_utc"].split(";") if s))
-                out.append(NoiseInfo(
-                    wav, row["node-id"], row["location"], row["date"], row["mode"],
-                    int(row["rate"]), int(row["samples"]), spans, row["spliced"] == "true",
-                    tuple(r for r in row["overlapping_logged_runs"].split(";") if r), row))
-            except (KeyError, ValueError, InputError) as exc:
-                log.warning("%s: skipping malformed row for %s: %s", csv_path, wav, exc)
-    return out
-
-
-def noise_sources(path: str, chunk_s: float) -> list[OfflineSource]:
-    """A noise WAV (its row is looked up in the noise.csv beside it)."""
-    folder, name = os.path.split(os.path.abspath(path))
-    rows = [n for n in load_noise(folder) if os.path.basename(n.path) == name]
-    if not rows:
-        raise InputError(f"{path}: no row for it in {os.path.join(folder, 'noise.csv')}; "
-                         "expected noise WAVs beside their index", path=path)
-    n = rows[0]
-    frames = read_wav_info(n.path).frames
-    if frames != n.samples:
-        log.warning("%s: noise.csv says %d samples, the WAV holds %d; using the WAV",
-                    path, n.samples, frames)
-    if frames == 0 or n.t0_ns is None:
-        log.info("%s: empty noise window (0 samples)", path)
-        return []
-    if n.spliced:
-        log.warning("%s: spliced window: chunk times after the splice are off by the gap "
-                    "between its recordings (%s)", path, n.row["source_spans_utc"])
-    stream = StreamInfo(n.node, n.modality, 1, float(n.rate_hz), n.path, True, n.t0_ns, frames)
-    return [OfflineSource(path, (stream,), n.t0_ns,
-                   lambda: _wav_chunks(n.node, n.modality, n.path, n.t0_ns, float(n.rate_hz),
-                                       chunk_s, True))]
+    return [OfflineSource(path, (stream,), r.t0_ns, lambda: r.span().chunks(chunk_s))]

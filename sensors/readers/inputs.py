@@ -19,13 +19,14 @@ from typing import Iterator
 
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import InputError
-from edgefuse.sensors.readers import goodvibes, sphar
-from edgefuse.sensors.readers._common import OfflineSource, StreamInfo
+from edgefuse.sensors.readers import goodvibes, goodvibes_noise, sphar
+from edgefuse.sensors.readers._common import OfflineSource, StreamInfo, chunk_order, merge_chunks
 from edgefuse.sensors.readers.mcaplog import McapLog, McapRecorder
 
 log = logging.getLogger(__name__)
 
-__all__ = ["InputSet", "StreamInfo", "open_inputs", "record", "SUPPORTED_KINDS"]
+__all__ = ["InputSet", "OfflineSource", "StreamInfo", "chunk_order", "merge_chunks",
+           "open_inputs", "record", "SUPPORTED_KINDS"]
 
 SUPPORTED_KINDS = (
     "an edgefuse MCAP log (*.mcap) or a folder of them",
@@ -57,8 +58,9 @@ def _file_sources(path: str, chunk_s: float) -> list[OfflineSource]:
         return [_mcap_source(path)]
     if goodvibes.RAW_NAME.match(name):
         return goodvibes.raw_sources(path, chunk_s)
-    if goodvibes.NOISE_NAME.match(name) and os.path.exists(os.path.join(folder, "noise.csv")):
-        return goodvibes.noise_sources(path, chunk_s)
+    if goodvibes_noise.NOISE_NAME.match(name) and \
+            os.path.exists(os.path.join(folder, "noise.csv")):
+        return goodvibes_noise.noise_sources(path, chunk_s)
     if os.path.exists(os.path.join(folder, "meta.json")):
         if name == "meta.json":
             return goodvibes.pass_sources(folder, chunk_s)
@@ -82,8 +84,8 @@ def _dir_sources(path: str, chunk_s: float) -> list[OfflineSource]:
     if raws:
         return [s for p in raws for s in goodvibes.raw_sources(p, chunk_s)]
     if "noise.csv" in names:
-        return [s for n in goodvibes.load_noise(path)
-                for s in goodvibes.noise_sources(n.path, chunk_s)]
+        return [s for n in goodvibes_noise.load_noise(path)
+                for s in goodvibes_noise.noise_sources(n.path, chunk_s)]
     if sphar.is_sphar(path):
         return [s for p in sphar.find_csvs(path) for s in sphar.csv_sources(p, chunk_s)]
     mcaps = [os.path.join(path, n) for n in names if n.lower().endswith(".mcap")]
@@ -134,15 +136,12 @@ class InputSet:
     def streams(self) -> list[StreamInfo]:
         return [s for src in self.sources for s in src.streams]
 
-    def stream_keys(self) -> list[tuple[str, str]]:
-        return sorted({(s.node, s.modality) for s in self.streams})
-
-    def chunks(self, raise_errors: bool = True) -> Iterator[Chunk]:
+    def chunks(self) -> Iterator[Chunk]:
         """All chunks merged by (t0_ns, node, modality, seq), deterministically.
 
         A source that fails midway (corrupt log) is dropped after its readable
-        chunks; the others go on; at the end the first such error is raised
-        (or only kept in `errors` when raise_errors is False).
+        chunks; the others go on; at the end the first such error is raised (all
+        of them are in `errors`).
         """
         self.errors = []
         counts: dict[tuple[str, str], int] = {}
@@ -161,14 +160,15 @@ class InputSet:
                 chunk = Chunk(chunk.node, chunk.modality, chunk.t0_ns, chunk.rate_hz,
                               chunk.samples, seq, chunk.full_scale, chunk.rate_is_nominal)
             yield chunk
-        if self.errors and raise_errors:
+        if self.errors:
             if len(self.errors) > 1:
                 log.error("%d inputs failed; raising the first", len(self.errors))
             raise self.errors[0]
 
     def _merge(self) -> Iterator[Chunk]:
-        """heapq-style merge that opens a source only when the output reaches its
-        start time, so a folder of many files holds few of them open at once."""
+        """merge_chunks' order (chunk_order, ties by source) but opening a source only
+        when the output reaches its start time, so a folder of many files holds few
+        of them open at once."""
         never = -(1 << 63)
         pending = [(never if s.start_ns is None else s.start_ns, i) for i, s in
                    enumerate(self.sources)]
@@ -183,7 +183,7 @@ class InputSet:
                 self.errors.append(exc)
                 return
             if c is not None:
-                heapq.heappush(active, ((c.t0_ns, c.node, c.modality, c.seq, i), c, it))
+                heapq.heappush(active, ((*chunk_order(c), i), c, it))
 
         while pending or active:
             while pending and (not active or pending[0][0] <= active[0][0][0]):

@@ -5,6 +5,11 @@ x_acc,y_acc,z_acc,x_gyro,y_gyro,z_gyro,timestamp(ms),label. One execution is
 one node ("s01_01") with two streams, imu_phone and imu_watch, 6 channels.
 The timestamps are irregular, repeat and go backwards, so chunks carry
 rate_hz=None: the aligner estimates the rate from the chunk t0s.
+
+This is the one parser of these files: replay reads an execution through
+`csv_sources`; the training datasets (edgefuse.models.har) through
+`find_executions` -> `Execution.sources` (the same sources, so the same
+chunks) and `Execution.activity_rows` (the label of every row).
 """
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import csv
 import logging
 import os
 import re
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -119,6 +125,46 @@ def find_csvs(path: str | os.PathLike) -> list[str]:
         dirs.sort()
         found += [os.path.join(root, n) for n in files if FILE_NAME.match(n)]
     return sorted(found)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """One execution: a subject through the activity sequence with a phone and a watch.
+
+    name is the node of its chunks ("s15_04"); paths its CSVs, phone first (one
+    of the two may be absent).
+    """
+
+    name: str
+    paths: tuple[str, ...]
+
+    @property
+    def subject(self) -> str:
+        """The person ("s15"): the part of the name before the execution number."""
+        return self.name.split("_")[0]
+
+    def sources(self, chunk_s: float) -> list[OfflineSource]:
+        """One source per CSV, as replay builds them for this execution."""
+        return [s for p in self.paths for s in csv_sources(p, chunk_s)]
+
+    def activity_rows(self) -> tuple[np.ndarray, list[str]]:
+        """(timestamps int64 ns, activity label) of every row of every CSV, in file
+        order (phone first); each device's own clock."""
+        times, labels = [], []
+        for p in self.paths:
+            t, _, labs = read_csv(p)
+            times.append(t)
+            labels += labs
+        return (np.concatenate(times) if times else np.zeros(0, np.int64)), labels
+
+
+def find_executions(path: str | os.PathLike) -> list[Execution]:
+    """The executions under `path` (a CSV, a subject folder or the root), by name."""
+    paths: dict[str, list[str]] = {}
+    for p in find_csvs(path):
+        paths.setdefault(parse_name(p)[0], []).append(p)
+    return [Execution(name, tuple(sorted(ps, key=lambda p: p.endswith("_sw.csv"))))
+            for name, ps in sorted(paths.items())]
 
 
 def is_sphar(path: str) -> bool:

@@ -50,10 +50,6 @@ class WavInfo:
             return float(np.iinfo(self.dtype).max)
         return None
 
-    @property
-    def duration_s(self) -> float:
-        return self.frames / self.rate_hz
-
 
 def _fail(path: str, message: str) -> InputError:
     return InputError(f"{path}: {message}", path=path)
