@@ -117,6 +117,18 @@ def _pushed(aligner, chunk):
     return out
 
 
+def _run_with_inserts(inserts: dict[int, list[Chunk]]) -> list:
+    """The good node's chunks with inserts[i] pushed before GOOD[i]; every window."""
+    aligner = Aligner(HOSTILE_CONTRACT)
+    windows = []
+    for i in range(len(GOOD) + 1):
+        for chunk in inserts.get(i, []):
+            windows += _pushed(aligner, chunk)
+        if i < len(GOOD):
+            windows += _pushed(aligner, GOOD[i])
+    return windows + _pushed(aligner, None)
+
+
 @settings(max_examples=150, deadline=None)
 @given(hostile=st.lists(st.tuples(st.sampled_from(["evil", "good", "evil2"]),
                                   st.sampled_from(["acoustic", "seismic"]),
@@ -141,14 +153,7 @@ def test_hostile_rates_and_times_never_crash_hang_or_disturb_other_nodes(hostile
         except InputError:
             continue
         inserts.setdefault(at, []).append(chunk)
-    aligner = Aligner(HOSTILE_CONTRACT)
-    windows = []
-    for i in range(len(GOOD) + 1):
-        for chunk in inserts.get(i, []):
-            windows += _pushed(aligner, chunk)
-        if i < len(GOOD):
-            windows += _pushed(aligner, GOOD[i])
-    windows += _pushed(aligner, None)
+    windows = _run_with_inserts(inserts)
     got = [w for w in windows if w.node == "good"]
     assert [w.index for w in got] == [w.index for w in expected]
     for x, y in zip(got, expected):
@@ -177,14 +182,7 @@ def test_hostile_chunks_in_a_good_nodes_own_name_never_crash_or_hang(hostile):
         except InputError:
             continue
         inserts.setdefault(at, []).append(chunk)
-    aligner = Aligner(HOSTILE_CONTRACT)
-    windows = []
-    for i in range(len(GOOD) + 1):
-        for chunk in inserts.get(i, []):
-            windows += _pushed(aligner, chunk)
-        if i < len(GOOD):
-            windows += _pushed(aligner, GOOD[i])
-    windows += _pushed(aligner, None)
+    windows = _run_with_inserts(inserts)
     idx = [w.index for w in windows]
     assert idx == sorted(set(idx))
 

@@ -12,7 +12,6 @@ import threading
 
 import pytest
 
-from edgefuse.runtime.core.decision import Decision
 from edgefuse.runtime.core.errors import ConfigError, EdgefuseError
 from edgefuse.runtime.service.config import from_dict
 from edgefuse.runtime.service.outbox import Outbox, OutboxInUseError, OutboxSettings
@@ -20,14 +19,9 @@ from edgefuse.runtime.service.sinks import (JsonlSink, MqttDecisionSink, MqttSin
                                             make_sinks)
 from edgefuse.sensors.live.mqtt_client import MqttSettings
 from tests.conftest import Collector, free_port, wait_until
+from tests.test_outbox import decision
 
 
-def decision(seq: int, node: str = "n1") -> Decision:
-    return Decision(node=node, seq=seq, window_start_ns=seq * 500_000_000,
-                    window_end_ns=seq * 500_000_000 + 10**9, label="vehicle",
-                    scores={"background": 0.25, "vehicle": 0.75}, used=("acoustic",),
-                    missing=("seismic",), fallback="masked", missing_reason={"seismic": "gap"},
-                    model="gv-fusion@1.0.0", coverage={"acoustic": 1.0, "seismic": 0.0})
 
 
 def mqtt(port: int) -> MqttSettings:
