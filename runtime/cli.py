@@ -119,6 +119,15 @@ def cmd_record(args) -> int:
     return 0
 
 
+def cmd_export_streams(args) -> int:
+    from edgefuse.sensors.readers.export import export_streams
+    from edgefuse.sensors.readers.inputs import open_inputs
+    written = export_streams(open_inputs(args.inputs, chunk_s=args.chunk_s), args.output)
+    log.info("wrote %d file(s) and recording.toml into %s: %s", len(written), args.output,
+             written)
+    return 0
+
+
 def cmd_info(args) -> int:
     from edgefuse.runtime.core.info import describe, describe_json
     model = _load_model(args)
@@ -213,8 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "as JSON Lines, then one summary line on stderr.",
                        epilog=INJECT_HELP + "\n\n" + EXIT_CODES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="MCAP logs, goodvibes pass folders / raw WAVs, "
-                   "sp-sw-har CSVs or folders")
+    p.add_argument("inputs", nargs="+", help="MCAP logs, recording manifests (recording.toml "
+                   "or its folder), goodvibes pass folders / raw WAVs, sp-sw-har CSVs or folders")
     _add_model_args(p)
     p.add_argument("--out", default="-", help="decisions as JSON Lines (default: - = stdout)")
     p.add_argument("--speed", type=float, default=None,
@@ -237,10 +246,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_replay)
 
     p = sub.add_parser("record", help="convert readable inputs into an MCAP log")
-    p.add_argument("inputs", nargs="+")
+    p.add_argument("inputs", nargs="+", help="anything replay reads, e.g. a folder holding "
+                   "recording.toml (your own WAV/CSV files; README, Your own recordings)")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--chunk-s", type=float, default=1.0)
     p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("export-streams", help="one WAV/CSV per stream + recording.toml, "
+                       "out of an MCAP log or any input (for labelling tools)")
+    p.add_argument("inputs", nargs="+", help="MCAP logs or anything replay reads")
+    p.add_argument("-o", "--output", required=True, metavar="DIR",
+                   help="folder to write into (must not hold a recording.toml)")
+    p.add_argument("--chunk-s", type=float, default=1.0,
+                   help="chunk length when reading non-MCAP inputs (s)")
+    p.set_defaults(func=cmd_export_streams)
 
     p = sub.add_parser("info", help="print a model's contract")
     p.add_argument("model_path", metavar="MODEL", nargs="?", default=None)

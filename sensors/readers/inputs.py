@@ -4,7 +4,8 @@
     inputs.streams          # what is in there, from headers/metadata only
     for chunk in inputs.chunks(): ...
 
-Kinds (detected per path): an edgefuse MCAP log; a goodvibes pass folder
+Kinds (detected per path): a recording manifest (recording.toml, or any
+.toml; see manifest.py) or a folder holding one; an edgefuse MCAP log; a goodvibes pass folder
 (meta.json), a folder of pass folders, a raw 5-minute WAV (+ .wav.xml), a
 folder of raw WAVs, a noise WAV or noise folder (beside noise.csv); an
 sp-sw-har CSV (its whole execution: phone + watch), subject folder or root.
@@ -19,7 +20,7 @@ from typing import Iterator
 
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import InputError
-from edgefuse.sensors.readers import goodvibes, goodvibes_noise, sphar
+from edgefuse.sensors.readers import goodvibes, goodvibes_noise, manifest, sphar
 from edgefuse.sensors.readers._common import OfflineSource, StreamInfo, chunk_order, merge_chunks
 from edgefuse.sensors.readers.mcaplog import McapLog, McapRecorder
 
@@ -29,6 +30,8 @@ __all__ = ["InputSet", "OfflineSource", "StreamInfo", "chunk_order", "merge_chun
            "open_inputs", "record", "SUPPORTED_KINDS"]
 
 SUPPORTED_KINDS = (
+    "a recording manifest (recording.toml or any *.toml: one [[stream]] per WAV/CSV file) "
+    "or a folder holding recording.toml",
     "an edgefuse MCAP log (*.mcap) or a folder of them",
     "a goodvibes pass folder (holding meta.json), or one WAV in it",
     "a folder of goodvibes pass folders (searched recursively, e.g. passes/close)",
@@ -56,6 +59,8 @@ def _file_sources(path: str, chunk_s: float) -> list[OfflineSource]:
     folder = os.path.dirname(os.path.abspath(path))
     if name.lower().endswith(".mcap"):
         return [_mcap_source(path)]
+    if name.lower().endswith(".toml"):
+        return manifest.manifest_sources(path, chunk_s)
     if goodvibes.RAW_NAME.match(name):
         return goodvibes.raw_sources(path, chunk_s)
     if goodvibes_noise.NOISE_NAME.match(name) and \
@@ -73,11 +78,16 @@ def _file_sources(path: str, chunk_s: float) -> list[OfflineSource]:
         return [s for p in sphar.execution_files(path) for s in sphar.csv_sources(p, chunk_s)]
     if name.endswith(".wav.xml") and os.path.exists(path[:-4]):
         return _file_sources(path[:-4], chunk_s)  # a sidecar stands for its recording
+    if name.lower().endswith((".wav", ".csv")):
+        raise _unknown(path, "a WAV/CSV of no known dataset layout: describe your own files "
+                             f"in a {manifest.MANIFEST_NAME} (README, Your own recordings)")
     raise _unknown(path, "a file whose name matches none of the kinds")
 
 
 def _dir_sources(path: str, chunk_s: float) -> list[OfflineSource]:
     names = sorted(os.listdir(path))
+    if manifest.MANIFEST_NAME in names:
+        return manifest.manifest_sources(os.path.join(path, manifest.MANIFEST_NAME), chunk_s)
     if "meta.json" in names:
         return goodvibes.pass_sources(path, chunk_s)
     raws = goodvibes.find_raw_wavs(path)
