@@ -178,3 +178,16 @@ def by_node(lines: list[str]) -> dict[str, list[str]]:
     for line in lines:
         out.setdefault(json.loads(line)["node"], []).append(line)
     return out
+
+
+def mqtt_args(broker, out, outbox, *extra) -> list:
+    """`edgefuse run` arguments: the test model, this broker, a JSONL file and an outbox."""
+    return [*extra, "--model", MODEL, "--mqtt", f"{broker.host}:{broker.port}", "--out", out,
+            "--outbox", outbox]
+
+
+def mqtt_publisher(broker):
+    """A simulate publisher (a node) connected to this broker."""
+    from edgefuse.runtime.service.simulate import MqttPublisher
+    from edgefuse.sensors.live.mqtt_client import MqttSettings
+    return MqttPublisher(MqttSettings(host=broker.host, port=broker.port))

@@ -18,26 +18,18 @@ from pathlib import Path
 import pytest
 
 from edgefuse.runtime.cli import main
-from edgefuse.sensors.live.mqtt_client import MqttSettings
-from edgefuse.runtime.service.simulate import MqttPublisher, SerialPublisher, payload_of, simulate
+from edgefuse.runtime.service.simulate import SerialPublisher, payload_of, simulate
 from tests.conftest import Collector, Mosquitto, free_port, wait_until
-from tests.daemon_helpers import (MODEL, DaemonProcess, by_node, replay_text, synthetic_chunks,
-                                  write_log)
+from tests.daemon_helpers import (MODEL, DaemonProcess, by_node, mqtt_args, mqtt_publisher,
+                                  replay_text, synthetic_chunks, write_log)
 
 pytestmark = pytest.mark.timeout(240)
 
 
-def _mqtt_args(broker, out, outbox):
-    return ["--model", MODEL, "--mqtt", f"{broker.host}:{broker.port}", "--out", out,
-            "--outbox", outbox]
-
-
-def _publisher(broker) -> MqttPublisher:
-    return MqttPublisher(MqttSettings(host=broker.host, port=broker.port))
 
 
 def test_notify_watchdog_metrics_and_sigterm(tmp_path, broker):
-    daemon = DaemonProcess(tmp_path, _mqtt_args(broker, tmp_path / "d.jsonl", tmp_path / "ob"),
+    daemon = DaemonProcess(tmp_path, mqtt_args(broker, tmp_path / "d.jsonl", tmp_path / "ob"),
                            watchdog_usec=1_000_000)
     try:
         daemon.wait_ready()
@@ -45,7 +37,7 @@ def test_notify_watchdog_metrics_and_sigterm(tmp_path, broker):
         # the main loop pings at half the interval while healthy
         wait_until(lambda: daemon.notify.count("WATCHDOG=1") >= 3, 10, "three WATCHDOG=1")
         chunks = synthetic_chunks("n1", 4.0)
-        simulate(chunks, _publisher(broker), speed=20.0)
+        simulate(chunks, mqtt_publisher(broker), speed=20.0)
         daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
         daemon.wait_metric("edgefuse_decision_latency_seconds_count", 1)
         m = daemon.metrics()
@@ -70,14 +62,14 @@ def test_sighup_reloads_the_model_and_refuses_a_broken_one(tmp_path, broker):
     try:
         daemon.wait_ready()
         chunks = synthetic_chunks("n1", 6.0)
-        simulate(chunks[: len(chunks) // 2], _publisher(broker), speed=50.0)
+        simulate(chunks[: len(chunks) // 2], mqtt_publisher(broker), speed=50.0)
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_metric("edgefuse_model_reloads_total", 1, result="ok")
         assert "RELOADING=1" in daemon.notify.lines()
         model.write_bytes(b"not an onnx model")
         daemon.proc.send_signal(signal.SIGHUP)
         daemon.wait_metric("edgefuse_model_reloads_total", 1, result="failed")
-        simulate(chunks[len(chunks) // 2:], _publisher(broker), speed=50.0)
+        simulate(chunks[len(chunks) // 2:], mqtt_publisher(broker), speed=50.0)
         daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
         assert daemon.terminate() == 0
     finally:
@@ -90,7 +82,7 @@ def test_malformed_payloads_are_counted_and_a_silent_modality_turns_missing(tmp_
     """acoustic of n1 pauses for 6 s (> max_wait 2 s), garbage is mixed in; the stream goes on."""
     chunks = synthetic_chunks("n1", 16.0, pause=("acoustic", 5.0, 11.0))
     out = tmp_path / "d.jsonl"
-    daemon = DaemonProcess(tmp_path, _mqtt_args(broker, out, tmp_path / "ob"))
+    daemon = DaemonProcess(tmp_path, mqtt_args(broker, out, tmp_path / "ob"))
     garbage = [("edgefuse/n1/acoustic", b"{not json"),                 # bad_json
                ("edgefuse/n1/seismic", payload_of(chunks[0])[:51]),    # truncated binary
                # 2 channels: decoded by the source, refused by the aligner (its check)
@@ -99,7 +91,7 @@ def test_malformed_payloads_are_counted_and_a_silent_modality_turns_missing(tmp_
                ("edgefuse/n1/seismic", b'{"t0_ns": "soon"}')]           # bad_fields
     try:
         daemon.wait_ready()
-        pub = _publisher(broker)
+        pub = mqtt_publisher(broker)
         for i, chunk in enumerate(chunks):
             pub.send(chunk)
             if i % 10 == 5:
@@ -140,12 +132,12 @@ def test_sigkill_with_decisions_in_the_outbox_delivers_them_after_restart(tmp_pa
     config = tmp_path / "edgefuse.toml"
     config.write_text(f"[sink.mqtt.mqtt]\nhost = '127.0.0.1'\nport = {sink_broker.port}\n"
                       "reconnect_min_s = 0.1\nreconnect_max_s = 0.5\n")
-    args = ["--config", config, *_mqtt_args(broker, tmp_path / "d.jsonl", outbox)]
+    args = ["--config", config, *mqtt_args(broker, tmp_path / "d.jsonl", outbox)]
     chunks = synthetic_chunks("n1", 8.0)
     daemon = DaemonProcess(tmp_path, args, name="first")
     try:
         daemon.wait_ready()
-        simulate(chunks, _publisher(broker), speed=50.0)
+        simulate(chunks, mqtt_publisher(broker), speed=50.0)
         daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
         daemon.wait_metric("edgefuse_outbox_depth", 5)
         daemon.kill()
@@ -191,17 +183,17 @@ def test_mqtt_receiver_process_killed_is_restarted_and_the_stream_goes_on(tmp_pa
     chunks = synthetic_chunks("n1", 10.0)
     half = len(chunks) // 2
     out = tmp_path / "d.jsonl"
-    daemon = DaemonProcess(tmp_path, _mqtt_args(broker, out, tmp_path / "ob"))
+    daemon = DaemonProcess(tmp_path, mqtt_args(broker, out, tmp_path / "ob"))
     try:
         daemon.wait_ready()
-        simulate(chunks[:half], _publisher(broker), speed=50.0)
+        simulate(chunks[:half], mqtt_publisher(broker), speed=50.0)
         daemon.wait_metric("edgefuse_source_decoded_total", half)
         (child,) = _children(daemon.proc.pid)
         os.kill(child, signal.SIGKILL)
         daemon.wait_metric("edgefuse_source_receiver_starts_total", 2)
         daemon.wait_metric("edgefuse_source_subscribed_total", 2)
         assert child not in _children(daemon.proc.pid)
-        simulate(chunks[half:], _publisher(broker), speed=50.0)
+        simulate(chunks[half:], mqtt_publisher(broker), speed=50.0)
         daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
         assert daemon.value("edgefuse_source_disconnects_total") == 1
         assert daemon.proc.poll() is None
@@ -251,12 +243,12 @@ def test_broker_down_30s_loses_no_decision_and_resubscribes(tmp_path, socat_link
     out = tmp_path / "d.jsonl"
     config = tmp_path / "edgefuse.toml"
     config.write_text("[mqtt]\nreconnect_min_s = 0.2\nreconnect_max_s = 1.0\n")
-    daemon = DaemonProcess(tmp_path, ["--config", config, *_mqtt_args(broker, out,
+    daemon = DaemonProcess(tmp_path, ["--config", config, *mqtt_args(broker, out,
                                                                       tmp_path / "ob"),
                                       "--serial", socat_link.device])
     try:
         daemon.wait_ready()
-        simulate(mqtt_chunks[:half], _publisher(broker), speed=50.0)
+        simulate(mqtt_chunks[:half], mqtt_publisher(broker), speed=50.0)
         daemon.wait_metric("edgefuse_source_decoded_total", half)
         before = len(collector.payloads())
         broker.stop()
@@ -274,7 +266,7 @@ def test_broker_down_30s_loses_no_decision_and_resubscribes(tmp_path, socat_link
         assert daemon.proc.poll() is None, daemon.log()
         broker.start()
         daemon.wait_metric("edgefuse_source_subscribed_total", 2)  # re-subscribed
-        simulate(mqtt_chunks[half:], _publisher(broker), speed=50.0)
+        simulate(mqtt_chunks[half:], mqtt_publisher(broker), speed=50.0)
         daemon.wait_metric("edgefuse_source_decoded_total", len(mqtt_chunks) + len(serial_chunks))
         assert daemon.terminate() == 0, daemon.log()
         written = out.read_text().splitlines()
@@ -322,7 +314,7 @@ def test_broker_down_at_start_serial_still_decides_and_the_outbox_delivers_later
                       "[daemon]\nstart_grace_s = 1.0\n")
     chunks = synthetic_chunks("s1", 8.0, seed=3)
     source = f"mqtt:127.0.0.1:{broker.port}"
-    daemon = DaemonProcess(tmp_path, ["--config", config, *_mqtt_args(broker, out,
+    daemon = DaemonProcess(tmp_path, ["--config", config, *mqtt_args(broker, out,
                                                                       tmp_path / "ob"),
                                       "--serial", socat_link.device])
     collector = None

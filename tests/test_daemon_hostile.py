@@ -14,18 +14,13 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgefuse.runtime.core import wire
-from edgefuse.sensors.live.mqtt_client import MqttSettings
-from edgefuse.runtime.service.simulate import MqttPublisher, simulate
+from edgefuse.runtime.service.simulate import simulate
 from tests.conftest import wait_until
-from tests.daemon_helpers import (MODEL, T0, DaemonProcess, by_node, replay_text,
-                                  synthetic_chunks, write_log)
+from tests.daemon_helpers import (T0, DaemonProcess, by_node, mqtt_args, mqtt_publisher,
+                                  replay_text, synthetic_chunks, write_log)
 
 pytestmark = pytest.mark.timeout(300)
 
-
-def _args(broker, out, outbox, *extra):
-    return [*extra, "--model", MODEL, "--mqtt", f"{broker.host}:{broker.port}", "--out", out,
-            "--outbox", outbox]
 
 
 def _aligner_count(daemon: DaemonProcess, kind: str) -> float:
@@ -85,10 +80,10 @@ def test_absurd_rates_and_times_from_a_fake_node_do_not_crash_hang_or_disturb(tm
                 _json(T0 + 400 * 1_250_000, "800.0", 1, n=400),           # seq 1 again...
                 _binary(T0 + 10**18, 800.0, 2, n=400)]                    # ...then a jump
     out = tmp_path / "d.jsonl"
-    daemon = DaemonProcess(tmp_path, _args(broker, out, tmp_path / "ob"))
+    daemon = DaemonProcess(tmp_path, mqtt_args(broker, out, tmp_path / "ob"))
     try:
         daemon.wait_ready()
-        pub = MqttPublisher(MqttSettings(host=broker.host, port=broker.port))
+        pub = mqtt_publisher(broker)
         for chunk in good[:half]:
             pub.send(chunk)
         for payload in accepted[:1] + refused_by_wire + accepted[1:]:
@@ -133,7 +128,7 @@ def test_a_10000_name_flood_then_a_real_node_is_decided(tmp_path, broker):
               wire.HEADER.pack(wire.MAGIC, wire.VERSION, 1, 1, 1605.23, T0 + i * 1000, 0,
                                32767.0, 0) + one)
              for i in range(FLOOD)]
-    daemon = DaemonProcess(tmp_path, _args(broker, out, tmp_path / "ob", "--config", config))
+    daemon = DaemonProcess(tmp_path, mqtt_args(broker, out, tmp_path / "ob", "--config", config))
     try:
         daemon.wait_ready()
         pub = FastPublisher(broker)
@@ -148,7 +143,7 @@ def test_a_10000_name_flood_then_a_real_node_is_decided(tmp_path, broker):
         wait_until(flood_consumed, 120, "the flood to reach the aligner", 0.2)
         assert _aligner_count(daemon, "too_many_nodes_chunks") == 0
 
-        pub = MqttPublisher(MqttSettings(host=broker.host, port=broker.port))
+        pub = mqtt_publisher(broker)
         simulate(real, pub, speed=20.0)
         pub.close()
         daemon.wait_metric("edgefuse_stream_chunks_total", len(real), node="real1")

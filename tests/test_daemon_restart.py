@@ -14,27 +14,32 @@ from collections import defaultdict
 import pytest
 
 from edgefuse.runtime.core.inference import OnnxModel
-from edgefuse.sensors.live.mqtt_client import MqttSettings
-from edgefuse.runtime.service.simulate import MqttPublisher, simulate
+from edgefuse.runtime.service.simulate import simulate
 from tests.conftest import Collector, wait_until
-from tests.daemon_helpers import MODEL, DaemonProcess, synthetic_chunks
+from tests.daemon_helpers import (MODEL, DaemonProcess, mqtt_args, mqtt_publisher,
+                                  synthetic_chunks)
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def _args(broker, out, outbox):
-    return ["--model", MODEL, "--mqtt", f"{broker.host}:{broker.port}", "--out", out,
-            "--outbox", outbox]
-
-
-def _publisher(broker) -> MqttPublisher:
-    return MqttPublisher(MqttSettings(host=broker.host, port=broker.port))
 
 
 def _two_nodes(seconds: float) -> list:
     chunks = synthetic_chunks("n1", seconds, seed=1) + synthetic_chunks("n2", seconds, seed=2)
     chunks.sort(key=lambda c: (c.t0_ns, c.node, c.modality, c.seq))
     return chunks
+
+
+def _stream_then_sigterm(tmp_path, broker, out, outbox, name, chunks) -> None:
+    """A daemon decides ``chunks`` streamed to it, then SIGTERM drains it (exit 0)."""
+    daemon = DaemonProcess(tmp_path, mqtt_args(broker, out, outbox), name=name)
+    try:
+        daemon.wait_ready()
+        simulate(chunks, mqtt_publisher(broker), speed=50.0)
+        daemon.wait_metric("edgefuse_source_decoded_total", len(chunks))
+        assert daemon.terminate() == 0, daemon.log()
+    finally:
+        daemon.close()
 
 
 @pytest.mark.slow
@@ -51,20 +56,13 @@ def test_seq_never_names_two_windows_across_sigterm_and_sigkill_restarts(tmp_pat
     outs = [tmp_path / f"d{i}.jsonl" for i in range(3)]
     try:
         # 1: the first third, then SIGTERM (drains: its decisions reach the broker)
-        first = DaemonProcess(tmp_path, _args(broker, outs[0], outbox), name="first")
-        try:
-            first.wait_ready()
-            simulate(parts[0], _publisher(broker), speed=50.0)
-            first.wait_metric("edgefuse_source_decoded_total", len(parts[0]))
-            assert first.terminate() == 0, first.log()
-        finally:
-            first.close()
+        _stream_then_sigterm(tmp_path, broker, outs[0], outbox, "first", parts[0])
 
         # 2: the second third, SIGKILL while it is still streaming in
-        second = DaemonProcess(tmp_path, _args(broker, outs[1], outbox), name="second")
+        second = DaemonProcess(tmp_path, mqtt_args(broker, outs[1], outbox), name="second")
         try:
             second.wait_ready()
-            sender = threading.Thread(target=simulate, args=(parts[1], _publisher(broker)),
+            sender = threading.Thread(target=simulate, args=(parts[1], mqtt_publisher(broker)),
                                       kwargs={"speed": 4.0}, name="second-sender")
             sender.start()
             second.wait_metric("edgefuse_source_decoded_total", len(parts[1]) // 2)
@@ -77,14 +75,7 @@ def test_seq_never_names_two_windows_across_sigterm_and_sigkill_restarts(tmp_pat
             second.close()
 
         # 3: the last third to a restarted daemon (it also sends what the killed one left)
-        third_daemon = DaemonProcess(tmp_path, _args(broker, outs[2], outbox), name="third")
-        try:
-            third_daemon.wait_ready()
-            simulate(parts[2], _publisher(broker), speed=50.0)
-            third_daemon.wait_metric("edgefuse_source_decoded_total", len(parts[2]))
-            assert third_daemon.terminate() == 0, third_daemon.log()
-        finally:
-            third_daemon.close()
+        _stream_then_sigterm(tmp_path, broker, outs[2], outbox, "third", parts[2])
         drained = outs[0].read_text().splitlines() + outs[2].read_text().splitlines()
         wait_until(lambda: set(drained) <= {p.decode() for p in collector.payloads()}, 30,
                    "every decision of the drained daemons at the subscriber")
@@ -115,10 +106,10 @@ def test_second_daemon_on_the_same_outbox_is_refused_in_one_line(tmp_path, broke
     daemon exits 1 at start naming the outbox, and the first goes on alone."""
     outbox = tmp_path / "outbox.sqlite"
     collector = Collector(broker, "edgefuse/+/decisions")
-    owner = DaemonProcess(tmp_path, _args(broker, tmp_path / "a.jsonl", outbox), name="owner")
+    owner = DaemonProcess(tmp_path, mqtt_args(broker, tmp_path / "a.jsonl", outbox), name="owner")
     try:
         owner.wait_ready()
-        intruder = DaemonProcess(tmp_path, _args(broker, tmp_path / "b.jsonl", outbox),
+        intruder = DaemonProcess(tmp_path, mqtt_args(broker, tmp_path / "b.jsonl", outbox),
                                  name="intruder")
         try:
             rc = intruder.proc.wait(120)
@@ -132,7 +123,7 @@ def test_second_daemon_on_the_same_outbox_is_refused_in_one_line(tmp_path, broke
         assert "Traceback" not in text, text
 
         chunks = synthetic_chunks("n1", 6.0)
-        simulate(chunks, _publisher(broker), speed=50.0)
+        simulate(chunks, mqtt_publisher(broker), speed=50.0)
         owner.wait_metric("edgefuse_source_decoded_total", len(chunks))
         assert owner.terminate() == 0, owner.log()
     finally:
