@@ -1,1 +1,1 @@
-"""Benchmarks (not tests): python bench/replay.py, python bench/startup.py."""
+"""Benchmarks (not tests): bench/replay.py, replay_stages.py, fleet.py, startup.py, live.py."""

@@ -1,7 +1,7 @@
 """Live benchmark: N simulated nodes -> real Mosquitto on loopback -> `edgefuse run`.
 
     python bench/live.py [--nodes 1,200] [--search 300,400,500] [--seconds 25]
-                         [--receivers thread,process] [--json]
+                         [--receivers thread,process] [--daemons 1,2] [--json]
 
 Each node sends three streams in real time, as a sensor would: acoustic
 9866.44 Hz (1 ch, int16), seismic 1605.23 Hz (1 ch, int16), imu 100 Hz
@@ -35,7 +35,12 @@ not pile up in front of the daemon).
 ``--search`` steps N up and reports the largest N that held, per receiver.
 ``--receivers thread,process`` measures the baseline (paho inside the daemon's
 process) and the receiver process in the same run, and prints their p99 and
-CPU ratios (thread / process) at each N. All processes share this machine's
+CPU ratios (thread / process) at each N. ``--daemons 1,2`` measures one daemon
+against D partitioned daemons (``edgefuse run --partition k/D``, each with its
+own outbox; the nodes publish to ``edgefuse/p<k>/<node>/<modality>``, k = CRC-32
+of the node name mod D) in the same run: latencies over all decisions, CPU and
+memory summed over the daemons and their receivers, chunks and drops summed;
+it prints the D / 1 ratios at each N. All processes share this machine's
 cores (publishers and broker included), which the numbers include.
 A benchmark, not a test: it asserts nothing.
 """
@@ -70,7 +75,12 @@ def publisher_main(args) -> None:
     import paho.mqtt.client as mqtt
 
     from edgefuse.runtime.core import wire
+    from edgefuse.sensors.live.topics import PARTITIONED_PATTERN, TopicPattern
     first, last = map(int, args.publisher.split(":"))
+    partitions = args.partitions if args.partitions > 1 else None
+    pattern = TopicPattern(PARTITIONED_PATTERN if partitions else "edgefuse/{node}/{modality}")
+    topics = {(node, s): pattern.topic(f"node{node}", STREAMS[s][0], partitions)
+              for node in range(first, last) for s in range(len(STREAMS))}
     client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-pub-{first}",
                          protocol=mqtt.MQTTv5)
     client.max_queued_messages_set(0)
@@ -109,7 +119,7 @@ def publisher_main(args) -> None:
         t0 = event0 + phase + int(round(k * period))
         header = wire.HEADER.pack(wire.MAGIC, wire.VERSION, codes[dtype], ch, rate, t0, k,
                                   32767.0 if dtype == "<i2" else 0.0, 0)
-        client.publish(f"edgefuse/node{node}/{modality}", header + bodies[s], qos=0)
+        client.publish(topics[(node, s)], header + bodies[s], qos=0)
         log.append((node, s, k, time.monotonic_ns(), due))
         heapq.heappush(heap, (wall0 + phase + int(round((k + 2) * period)), node, s, k + 1))
     time.sleep(0.5)
@@ -228,36 +238,57 @@ def pct(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) if values else None
 
 
-def run_once(nodes: int, args, workdir: Path, receiver: str = "process") -> dict:
-    workdir = workdir / receiver
-    workdir.mkdir(exist_ok=True)
-    broker, port = start_broker(workdir)
+def start_daemon(k: int, daemons: int, port: int, args, workdir: Path, nodes: int,
+                 receiver: str) -> dict:
+    """`edgefuse run` number k of ``daemons`` (partition k/daemons when more than one)."""
     metrics_port = free_port()
-    trace = workdir / f"trace-{nodes}.jsonl"
-    outbox = workdir / f"outbox-{nodes}.sqlite"
+    trace = workdir / f"trace-{nodes}-{k}.jsonl"
     config = workdir / "edgefuse.toml"
     config.write_text(f'[source.mqtt]\nreceiver = "{receiver}"\n')
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    daemon = subprocess.Popen(
+    partition = ["--partition", f"{k}/{daemons}"] if daemons > 1 else []
+    proc = subprocess.Popen(
         [sys.executable, "-c", "import sys; sys.setswitchinterval(float(sys.argv[1])); "
          "from edgefuse.runtime.cli import main; sys.exit(main(sys.argv[2:]))",
          str(args.switch_interval_s), "run", "--config", str(config), "--model", str(MODEL),
-         "--mqtt", f"127.0.0.1:{port}", "--outbox", str(outbox), "--latency-trace", str(trace),
-         "--metrics", f"127.0.0.1:{metrics_port}"],
-        env=env, stderr=open(workdir / f"daemon-{nodes}.log", "wb"))  # noqa: SIM115
+         "--mqtt", f"127.0.0.1:{port}", "--outbox", str(workdir / f"outbox-{nodes}-{k}.sqlite"),
+         "--latency-trace", str(trace), "--metrics", f"127.0.0.1:{metrics_port}", *partition],
+        env=env, stderr=open(workdir / f"daemon-{nodes}-{k}.log", "wb"))  # noqa: SIM115
+    return {"proc": proc, "metrics_port": metrics_port, "trace": trace,
+            "log": workdir / f"daemon-{nodes}-{k}.log"}
+
+
+def wait_ready(daemon: dict) -> None:
+    deadline = time.monotonic() + 90
+    while True:  # ready = metrics up and edgefuse_ready 1
+        try:
+            if scrape(daemon["metrics_port"]).get("edgefuse_ready") == 1:
+                return
+        except OSError:
+            pass
+        if daemon["proc"].poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"daemon did not start: see {daemon['log']}")
+        time.sleep(0.1)
+
+
+def cpu_of(pids: list[int]) -> float:
+    return sum(proc_cpu_s(pid) for pid in pids)
+
+
+def run_once(nodes: int, args, workdir: Path, receiver: str = "process",
+             daemons: int = 1) -> dict:
+    workdir = workdir / f"{receiver}-{daemons}"
+    workdir.mkdir(exist_ok=True)
+    broker, port = start_broker(workdir)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    procs: list[dict] = []
     subscriber = None
     pubs = []
     try:
-        deadline = time.monotonic() + 60
-        while True:  # ready = metrics up and edgefuse_ready 1
-            try:
-                if scrape(metrics_port).get("edgefuse_ready") == 1:
-                    break
-            except OSError:
-                pass
-            if daemon.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not start: see {workdir}/daemon-{nodes}.log")
-            time.sleep(0.1)
+        procs = [start_daemon(k, daemons, port, args, workdir, nodes, receiver)
+                 for k in range(daemons)]
+        for d in procs:
+            wait_ready(d)
         subscriber = DecisionSubscriber(port)
         n_pub = max(1, min(args.publishers, nodes))
         bounds = np.linspace(0, nodes, n_pub + 1).astype(int)
@@ -267,35 +298,41 @@ def run_once(nodes: int, args, workdir: Path, receiver: str = "process") -> dict
                 [sys.executable, __file__, "--publisher", f"{bounds[i]}:{bounds[i + 1]}",
                  "--port", str(port), "--seconds", str(args.seconds), "--chunk-s",
                  str(args.chunk_s), "--total-nodes", str(nodes), "--event0-ns", str(event0),
-                 "--start-delay-s", "1.0", "--log", str(workdir / f"pub-{nodes}-{i}.npy")],
-                env=env))
+                 "--start-delay-s", "1.0", "--partitions", str(daemons),
+                 "--log", str(workdir / f"pub-{nodes}-{i}.npy")], env=env))
         time.sleep(1.0 + args.warmup_s)
-        kids = children(daemon.pid)
-        cpu0, t0 = proc_cpu_s(daemon.pid), time.monotonic()
-        kid0 = sum(proc_cpu_s(k) for k in kids)
+        mains = [d["proc"].pid for d in procs]
+        kids = [k for pid in mains for k in children(pid)]
+        cpu0, kid0, t0 = cpu_of(mains), cpu_of(kids), time.monotonic()
         time.sleep(max(1.0, args.seconds - args.warmup_s - 1.0))
-        cpu1, t1 = proc_cpu_s(daemon.pid), time.monotonic()
-        kid1 = sum(proc_cpu_s(k) for k in kids)
+        cpu1, kid1, t1 = cpu_of(mains), cpu_of(kids), time.monotonic()
         for p in pubs:
             p.wait(120)
         time.sleep(2.0)  # let the last chunks and decisions through
-        rss, hwm = proc_mem_mb(daemon.pid)
+        mem = [proc_mem_mb(pid) for pid in mains]
+        rss, hwm = sum(r for r, _ in mem), sum(h for _, h in mem)
         kid_rss = sum(proc_mem_mb(k)[0] for k in kids)
-        pss = sum(proc_pss_mb(p) for p in [daemon.pid, *kids])
-        m = scrape(metrics_port)
+        pss = sum(proc_pss_mb(p) for p in [*mains, *kids])
+        m: dict[str, float] = {}
+        for d in procs:
+            for key, value in scrape(d["metrics_port"]).items():
+                m[key] = m.get(key, 0.0) + value
     finally:
         for p in pubs:
             if p.poll() is None:
                 p.kill()
-        daemon.send_signal(signal.SIGTERM)
-        try:
-            daemon.wait(30)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
+        for d in procs:
+            d["proc"].send_signal(signal.SIGTERM)
+        for d in procs:
+            try:
+                d["proc"].wait(30)
+            except subprocess.TimeoutExpired:
+                d["proc"].kill()
         if subscriber is not None:
             subscriber.close()
         broker.kill()
         broker.wait(5)
+    trace_lines = [line for d in procs for line in d["trace"].read_text().splitlines()]
     published, lag_ms = {}, []
     for i in range(len(pubs)):
         for node, s, k, ns, due in np.load(workdir / f"pub-{nodes}-{i}.npy", allow_pickle=False):
@@ -304,7 +341,7 @@ def run_once(nodes: int, args, workdir: Path, receiver: str = "process") -> dict
     warm_ns = (args.warmup_s + 1.0) * 1e9
     first_pub = min(published.values()) if published else 0
     lat_daemon, lat_outbox, lat_mqtt = [], [], []
-    for line in trace.read_text().splitlines():
+    for line in trace_lines:
         t = json.loads(line)
         node, modality, seq = t["closing"]
         pub_ns = published.get((node, modality, seq))
@@ -325,9 +362,10 @@ def run_once(nodes: int, args, workdir: Path, receiver: str = "process") -> dict
     realtime = (offered and decoded == len(published) and not any(drops.values())
                 and p99 is not None and p99 / 1e3 <= args.realtime_p99_s)
     return {
-        "nodes": nodes, "receiver": receiver, "seconds": args.seconds, "chunk_s": args.chunk_s,
+        "nodes": nodes, "receiver": receiver, "daemons": daemons, "seconds": args.seconds,
+        "chunk_s": args.chunk_s,
         "chunks_published": len(published), "chunks_decoded": int(decoded),
-        "decisions": len(trace.read_text().splitlines()),
+        "decisions": len(trace_lines),
         "decisions_received_mqtt": len(subscriber.received),
         "latency_ms": {name: {"p50": pct(v, 50), "p99": pct(v, 99), "max": max(v, default=None),
                               "n": len(v)}
@@ -359,6 +397,9 @@ def main() -> None:
     ap.add_argument("--receivers", default="process",
                     help="MQTT receivers to measure, e.g. thread,process (thread: the baseline, "
                          "paho inside the daemon's process)")
+    ap.add_argument("--daemons", default="1",
+                    help="daemon counts to measure, e.g. 1,2 (D > 1: D partitioned daemons, "
+                         "edgefuse run --partition k/D, nodes on edgefuse/p<k>/...)")
     ap.add_argument("--json", action="store_true")
     # publisher-process arguments (internal)
     ap.add_argument("--publisher", default=None, help=argparse.SUPPRESS)
@@ -367,6 +408,7 @@ def main() -> None:
     ap.add_argument("--event0-ns", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--start-delay-s", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--log", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--partitions", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.publisher:
         publisher_main(args)
@@ -374,19 +416,35 @@ def main() -> None:
     counts = [int(x) for x in args.nodes.split(",") if x]
     search = [int(x) for x in args.search.split(",") if x]
     receivers = [x for x in args.receivers.split(",") if x]
+    daemon_counts = [int(x) for x in args.daemons.split(",") if x]
+    setups = [(rc, d) for rc in receivers for d in daemon_counts]
     results = []
     with tempfile.TemporaryDirectory(prefix="edgefuse-live-") as tmp:
-        for receiver in receivers:
+        for receiver, daemons in setups:
             for n in counts + search:
-                r = run_once(n, args, Path(tmp), receiver)
+                r = run_once(n, args, Path(tmp), receiver, daemons)
                 results.append(r)
-                _print_run(r, len(receivers) > 1)
+                _print_run(r, len(receivers) > 1, len(daemon_counts) > 1)
                 if n in search and not r["realtime_no_drop"]:
                     break
-    by = {(r["receiver"], r["nodes"]): r for r in results}
+    by = {(r["receiver"], r["daemons"], r["nodes"]): r for r in results}
+    for receiver in receivers:
+        for d in daemon_counts[1:]:
+            for n in counts + search:
+                one, many = by.get((receiver, daemon_counts[0], n)), by.get((receiver, d, n))
+                if one is None or many is None:
+                    continue
+                ratios = {k: _ratio(many["latency_ms"][k]["p99"], one["latency_ms"][k]["p99"])
+                          for k in ("daemon", "e2e_outbox", "e2e_mqtt")}
+                print(f"N={n:4d}  {d}/{daemon_counts[0]} daemons p99 ratio: daemon "
+                      f"{ratios['daemon']}, e2e(outbox) {ratios['e2e_outbox']}, e2e(mqtt) "
+                      f"{ratios['e2e_mqtt']}; cpu "
+                      f"{_ratio(many['cpu_pct_of_core'], one['cpu_pct_of_core'])}",
+                      file=sys.stderr)
     if {"thread", "process"} <= set(receivers):
         for n in counts + search:
-            t, p = by.get(("thread", n)), by.get(("process", n))
+            t = by.get(("thread", daemon_counts[0], n))
+            p = by.get(("process", daemon_counts[0], n))
             if t is None or p is None:
                 continue
             ratios = {k: _ratio(t["latency_ms"][k]["p99"], p["latency_ms"][k]["p99"])
@@ -394,16 +452,18 @@ def main() -> None:
             print(f"N={n:4d}  thread/process p99 ratio: daemon {ratios['daemon']}, "
                   f"e2e(outbox) {ratios['e2e_outbox']}, e2e(mqtt) {ratios['e2e_mqtt']}; "
                   f"cpu {_ratio(t['cpu_pct_of_core'], p['cpu_pct_of_core'])}", file=sys.stderr)
-    held = {rc: max((r["nodes"] for r in results if r["receiver"] == rc and r["nodes"] in search
-                     and r["realtime_no_drop"]), default=None) for rc in receivers}
+    held = {f"{rc}/{d}": max((r["nodes"] for r in results
+                              if (r["receiver"], r["daemons"]) == (rc, d) and r["nodes"] in search
+                              and r["realtime_no_drop"]), default=None) for rc, d in setups}
     summary = {"runs": results, "max_realtime_nodes_tried": held, "cpus": os.cpu_count()}
     if args.json:
         print(json.dumps(summary, indent=1))
 
 
-def _print_run(r: dict, label: bool) -> None:
+def _print_run(r: dict, label: bool, daemons: bool = False) -> None:
     lat = r["latency_ms"]
-    print(f"{r['receiver'] + ' ' if label else ''}N={r['nodes']:4d}"
+    print(f"{r['receiver'] + ' ' if label else ''}"
+          f"{str(r['daemons']) + ' daemon(s) ' if daemons else ''}N={r['nodes']:4d}"
           f"  daemon p50/p99 {_fmt(lat['daemon']['p50'])}/{_fmt(lat['daemon']['p99'])} ms"
           f"  e2e(outbox) {_fmt(lat['e2e_outbox']['p50'])}/{_fmt(lat['e2e_outbox']['p99'])} ms"
           f"  e2e(mqtt) {_fmt(lat['e2e_mqtt']['p50'])}/{_fmt(lat['e2e_mqtt']['p99'])} ms"

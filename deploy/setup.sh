@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up a development checkout: system packages the tests use (a real Mosquitto
 # broker, socat for serial ptys), then the virtual environment in .venv with the
-# runtime, the train extra (torch==2.13.0, CPU) and the dev tools.
+# runtime, the train extra (torch==2.13.0, CPU), the ray extra (replay --ray; its
+# tests start a real local Ray) and the dev tools.
 # Idempotent: a second run only checks. Used by README command 1 and by .ci/run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +25,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.edgefuse-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    echo "setup: installing edgefuse[train,dev] into .venv" >&2
+    echo "setup: installing edgefuse[train,dev,ray] into .venv" >&2
     timeout 1200 .venv/bin/python -m pip install -q --upgrade pip
-    timeout 1800 .venv/bin/python -m pip install -q -e ".[train,dev]"
+    timeout 1800 .venv/bin/python -m pip install -q -e ".[train,dev,ray]"
     touch "$stamp"
 fi

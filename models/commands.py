@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from edgefuse.runtime.core.errors import ConfigError, EdgefuseError, InputError
 
@@ -38,13 +39,36 @@ def cmd_train(args) -> int:
                          "models/configs/detection.toml", path=args.config)
     try:
         cfg = load_config(args.config)
-    except (TypeError, ValueError) as exc:   # tomllib errors, wrong value types
+    except (TypeError, ValueError) as exc:   # wrong value types
         raise ConfigError(f"{args.config}: {exc}") from exc
     if args.threads is not None:
         import dataclasses
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, threads=args.threads))
-    path = train(cfg, out_dir=args.out, max_seconds=args.max_seconds)
-    print(path)
+    result = train(cfg, out_dir=args.out, max_seconds=args.max_seconds)
+    s = result.summary
+    counts = dict(zip(s["labels"], s["train_class_counts"]))
+    print(f"trained {s['network']} on {s['train_windows']} windows {counts} "
+          f"({s['epochs_run']} epochs, {s['train_seconds']} s, loss {s['final_loss']:.3f}); "
+          f"held out {s['split_column']} {s['test'] or 'none'} ({s['test_windows']} windows)",
+          file=sys.stderr)
+    report = s.get("label_report")
+    if report:
+        print(f"labels: {report['intervals']} intervals ({report['no_window']} label no "
+              f"window of their node: {report['outside']} outside its recordings, "
+              f"{report['uncut']} where no window was cut, {report['outvoted']} outvoted; "
+              f"{report.get('other_node_intervals', 0)} of nodes not recorded); windows "
+              f"{report['windows']}", file=sys.stderr)
+    calibration = s.get("calibration")
+    for route, e in sorted((calibration or {}).get("routes", {}).items()):
+        print(f"calibrated {route}: temperature {e['temperature']:.3f}, abstains below "
+              f"{e['threshold']:.3f}, keeping {e['coverage']:.1%} of {e['n']} validation "
+              f"windows at error {e['val_risk']:.2%} (bound {e['risk_bound']:.2%} <= "
+              f"{e['target_risk']:g})", file=sys.stderr)
+    if not calibration:
+        print("not calibrated (no validation groups or [calibration] enabled = false)",
+              file=sys.stderr)
+    print(f"checkpoint {result.checkpoint}", file=sys.stderr)
+    print(result.model)
     return 0
 
 
@@ -58,32 +82,77 @@ def cmd_export(args) -> int:
         raise ConfigError(f"-o must name an .onnx file, found {args.output!r}")
     rep = export_checkpoint(args.checkpoint, args.output, fallbacks=not args.no_fallbacks,
                             name=args.name, version=args.version)
-    print(f"wrote {rep.path} (opset {rep.opset}, {rep.params} parameters, "
-          f"{rep.flops / 1e6:.2f} MFLOP per window)")
+    flops = f", {rep.flops / 1e6:.2f} MFLOP per window" if rep.flops else ""
+    print(f"wrote {rep.path} (opset {rep.opset}, {rep.params} parameters{flops})")
     for f, size in rep.files.items():
         print(f"  {f:<40} {size / 1024:8.1f} KiB  parity max|ORT-torch| {rep.parity[f]:.2e}")
     return 0
 
 
+def _rule_overrides(args) -> dict:
+    return {"rule": args.rule, "min_share": args.min_share,
+            "any_labels": tuple(args.any_labels) if args.any_labels is not None else None,
+            "background": args.background}
+
+
+def _risk_args(args) -> dict:
+    if args.target_risk is not None and not 0.0 < args.target_risk < 1.0:
+        raise ConfigError(f"--target-risk must be in (0, 1), found {args.target_risk}")
+    out = {"abstain_all": args.abstain_all}
+    if args.target_risk is not None:
+        out["target_risk"] = args.target_risk
+    return out
+
+
 def cmd_evaluate(args) -> int:
-    from edgefuse.models.evaluate import evaluate_on_data, format_table
-    data = args.data or _default_data()
-    if not data:
-        raise InputError("no DATA given and ../shared/data was not found; pass the data "
-                         "pack root (the folder holding goodvibes/ and sp-sw-har/)")
-    if not os.path.isdir(data):
-        raise InputError(f"DATA {data!r} is not a folder; pass the data pack root", path=data)
+    from edgefuse.models.evaluate import evaluate_on_data
+    from edgefuse.models.evaluate_text import (format_confusion, format_risk_coverage,
+                                               format_table)
     if not os.path.isfile(args.model):
         raise InputError(f"model {args.model!r} does not exist; give an .onnx file written "
-                         "by edgefuse export", path=args.model)
-    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
-    result = evaluate_on_data(args.model, data, task=args.task, split=args.split,
-                              seed=args.seed, use_fallbacks=not args.no_fallbacks, keys=keys)
+                         "by edgefuse train or export", path=args.model)
+    if args.report:
+        from edgefuse.models.report import check_plotting
+        check_plotting()   # before the evaluation, not after it
+    if args.recordings:
+        from edgefuse.models.evaluate_recordings import evaluate_on_recordings
+        if args.data:
+            raise ConfigError("give DATA (a data pack) or --recordings, not both")
+        if not args.labels:
+            raise ConfigError("--recordings needs --labels FILE (the intervals CSV "
+                              "node,start,end,label)")
+        result = evaluate_on_recordings(args.model, args.recordings, args.labels, args.group,
+                                        args.test, _rule_overrides(args), seed=args.seed,
+                                        use_fallbacks=not args.no_fallbacks,
+                                        chunk_s=args.chunk_s, **_risk_args(args))
+    else:
+        if args.labels or args.group:
+            raise ConfigError("--labels and --group go with --recordings PATH...")
+        data = args.data or _default_data()
+        if not data:
+            raise InputError("no DATA given and ../shared/data was not found; pass the data "
+                             "pack root (the folder holding goodvibes/ and sp-sw-har/), or "
+                             "--recordings and --labels")
+        if not os.path.isdir(data):
+            raise InputError(f"DATA {data!r} is not a folder; pass the data pack root",
+                             path=data)
+        keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+        result = evaluate_on_data(args.model, data, task=args.task, split=args.split,
+                                  seed=args.seed, use_fallbacks=not args.no_fallbacks,
+                                  keys=keys or args.test, **_risk_args(args))
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
         print(f"task {result['task']}  split {result['split_column']} {result['split_keys']}")
         print(format_table(result))
+        print(format_risk_coverage(result))
+        print(format_confusion(result))
+    if args.report:
+        from edgefuse.models.report import write_report
+        path = write_report(args.report, result, args.model,
+                            data=None if args.recordings else data,
+                            recordings=args.recordings, labels=args.labels)
+        print(f"report {path}", file=sys.stderr)
     return 0
 
 
@@ -93,11 +162,24 @@ def cmd_quantize(args) -> int:
         raise InputError(f"model {args.model!r} does not exist", path=args.model)
     calibration = None
     if args.mode == "int8-static":
-        from edgefuse.models.evaluate import calibration_windows
-        data = args.data or _default_data()
-        if not data:
-            raise InputError("int8-static needs --data (the data pack root) for calibration")
-        calibration = calibration_windows(args.model, data)
+        if args.recordings and args.data:
+            raise ConfigError("give --data (a data pack) or --recordings, not both")
+        if args.recordings:
+            from edgefuse.models.recordings import complete_windows
+            from edgefuse.runtime.core.inference import OnnxModel
+            contract = OnnxModel.load(args.model).contract
+            calibration = complete_windows(args.recordings, contract, n=256,
+                                           chunk_s=args.chunk_s or 1.0)
+        else:
+            from edgefuse.models.evaluate import calibration_windows
+            data = args.data or _default_data()
+            if not data:
+                raise InputError("int8-static needs calibration windows: --recordings P... "
+                                 "(your own) or --data (the data pack root)")
+            calibration = calibration_windows(args.model, data)
+    elif args.recordings or args.data:
+        raise ConfigError(f"--recordings/--data calibrate int8-static; --mode {args.mode} "
+                          "takes none")
     files = quantize_model(args.model, args.output, args.mode, calibration=calibration)
     for f in files:
         print(f"wrote {f} ({os.path.getsize(f) / 1024:.1f} KiB)")
@@ -121,8 +203,10 @@ def register(subparsers) -> None:
     p.add_argument("-o", "--output", required=True, help="model.onnx to write (fallbacks "
                    "are written beside it)")
     p.add_argument("--no-fallbacks", action="store_true")
-    p.add_argument("--name", default=None, help="model name in the contract")
-    p.add_argument("--version", default="0.1.0", help="model version in the contract")
+    p.add_argument("--name", default=None, help="model name in the contract (default: the "
+                   "training config's)")
+    p.add_argument("--version", default=None, help="model version in the contract (default: "
+                   "the training config's, else 0.1.0)")
     p.set_defaults(func=cmd_export)
 
     p = subparsers.add_parser("evaluate", help="accuracy and macro-F1 of a model with all "
@@ -138,10 +222,38 @@ def register(subparsers) -> None:
     p.add_argument("--keys", default=None,
                    help="comma-separated day-sites (bprf/2023-04-11) or subjects (s03) to "
                         "evaluate on instead of the model's held-out ones")
+    p.add_argument("--recordings", nargs="+", default=None, metavar="PATH",
+                   help="your own recordings (anything replay reads) instead of DATA")
+    p.add_argument("--labels", default=None, metavar="FILE",
+                   help="intervals CSV node,start,end,label[,group...] for --recordings")
+    p.add_argument("--group", default=None,
+                   help="split key of --test: node or a labels-file column (default: the "
+                        "model's when --test is given, else node)")
+    p.add_argument("--test", nargs="+", default=None, metavar="KEY",
+                   help="evaluate only these split keys (default with --recordings: every "
+                        "labelled window)")
+    p.add_argument("--rule", choices=("majority", "centre", "any"), default=None,
+                   help="window label rule (default: the one the model was trained with)")
+    p.add_argument("--min-share", type=float, default=None)
+    p.add_argument("--any-labels", nargs="*", default=None, metavar="LABEL")
+    p.add_argument("--background", default=None, metavar="LABEL",
+                   help="label of windows no interval touches ('' = leave them out)")
+    p.add_argument("--chunk-s", type=float, default=None,
+                   help="chunk length the recordings are read in (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the degraded conditions")
     p.add_argument("--no-fallbacks", action="store_true",
                    help="run the main model masked instead of the fallback models")
+    p.add_argument("--target-risk", type=float, default=None, metavar="R",
+                   help="error rate of coverage_at_risk (default 0.02); the model's own "
+                        "thresholds decide `decided` and `risk_decided`")
+    p.add_argument("--abstain-all", action="store_true",
+                   help="windows with every modality present may abstain too (as the "
+                        "runtime's --abstain-all) in `decided` and `risk_decided`")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
+    p.add_argument("--report", default=None, metavar="DIR",
+                   help="also write DIR/index.html: confusion matrices, accuracy per modality "
+                        "subset, calibration and a held-out recording's timeline, one "
+                        "self-contained page (needs the train extra)")
     p.set_defaults(func=cmd_evaluate)
 
     p = subparsers.add_parser("quantize", help="INT8 or FP16 copy of a model and its fallbacks")
@@ -150,6 +262,10 @@ def register(subparsers) -> None:
     p.add_argument("--mode", choices=("int8", "int8-static", "fp16"), default="int8")
     p.add_argument("--data", default=None, help="data pack root for int8-static calibration "
                    "(default: ../shared/data)")
+    p.add_argument("--recordings", nargs="+", default=None, metavar="PATH",
+                   help="calibrate int8-static on windows of your own recordings")
+    p.add_argument("--chunk-s", type=float, default=None,
+                   help="chunk length the recordings are read in (default 1.0)")
     p.set_defaults(func=cmd_quantize)
 
 

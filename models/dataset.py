@@ -22,7 +22,7 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -43,7 +43,6 @@ CACHE_FORMAT = 1     # layout of the cached .npz (WindowSet.save / load)
 # data and settings give other windows, so an old cache is never reused.
 # 2: samples and times from the serving readers (exact t0, no float seconds).
 WINDOWS_VERSION = 2
-_STR_COLUMNS = ("site", "date", "node", "group", "kind", "target")
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,7 @@ class WindowSet:
     meta: dict[str, np.ndarray]          # site, date, node, group, kind, target (unicode)
     num: dict[str, np.ndarray] = field(default_factory=dict)  # start_ns, dmin_m
     reasons: dict[str, np.ndarray] = field(default_factory=dict)  # per modality, "" = present
+    info: dict = field(default_factory=dict)   # JSON-able facts of the build (label report)
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
@@ -88,7 +88,7 @@ class WindowSet:
                          self.mask[idx], self.label[idx],
                          {k: v[idx] for k, v in self.meta.items()},
                          {k: v[idx] for k, v in self.num.items()},
-                         {k: v[idx] for k, v in self.reasons.items()})
+                         {k: v[idx] for k, v in self.reasons.items()}, dict(self.info))
 
     def save(self, path: str) -> None:
         arrays = {"format": np.array(CACHE_FORMAT), "modalities": np.array(self.modalities),
@@ -97,6 +97,8 @@ class WindowSet:
         arrays.update({f"meta_{k}": v for k, v in self.meta.items()})
         arrays.update({f"num_{k}": v for k, v in self.num.items()})
         arrays.update({f"reason_{k}": v for k, v in self.reasons.items()})
+        if self.info:
+            arrays["info_json"] = np.array(json.dumps(self.info, sort_keys=True))
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp.npz"
         np.savez_compressed(tmp, **arrays)
@@ -110,8 +112,9 @@ class WindowSet:
                                  f"{CACHE_FORMAT}; delete the file to rebuild it", path=path)
             mods = tuple(str(m) for m in z["modalities"])
             pick = lambda prefix: {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+            info = json.loads(str(z["info_json"])) if "info_json" in z.files else {}
             return cls(mods, pick("x_"), z["mask"], z["label"], pick("meta_"), pick("num_"),
-                       pick("reason_"))
+                       pick("reason_"), info)
 
 
 SEQ_HOLE = 1000  # seq numbers skipped between the pieces of a segment
@@ -150,46 +153,93 @@ def cut_segment(seg: Segment, grid: GridConfig, contract: ModelContract,
     return align_chunks(segment_chunks(seg, grid.chunk_s), contract, aligner_config)
 
 
+@dataclass
+class Labelled:
+    """What a labeller says about a unit's windows (one entry per window)."""
+
+    codes: np.ndarray                                          # int64, IGNORE = left out
+    num: dict[str, np.ndarray] = field(default_factory=dict)   # numeric columns
+    meta: dict[str, np.ndarray] = field(default_factory=dict)  # string columns
+
+
+@dataclass
+class Unit:
+    """One stretch of recording that one fresh Aligner cuts: a goodvibes segment, an
+    sp-sw-har execution, one node of a user's recordings.
+
+    meta: the string columns every window of the unit gets (node, group, ...);
+    chunks: a callable giving its chunks in replay's order; label: (start_ns[],
+    end_ns[]) of every window cut -> Labelled."""
+
+    meta: dict[str, str]
+    chunks: Callable[[], Iterable[Chunk]]
+    label: Callable[[np.ndarray, np.ndarray], Labelled]
+
+
+def build_windows(units: Iterable[Unit], contract: ModelContract,
+                  aligner_config: AlignerConfig | None = None, source: str = "") -> WindowSet:
+    """The one windows-and-labels path: cut every unit with a fresh Aligner (as replay
+    does), label its windows, keep those not IGNOREd. Columns: the units' meta, the
+    labellers' meta and num, and start_ns."""
+    mods = contract.modality_names
+    xs: dict[str, list] = {m: [] for m in mods}
+    reasons: dict[str, list] = {m: [] for m in mods}
+    masks: list[list[float]] = []
+    labels: list[int] = []
+    meta: dict[str, list] = {}
+    num: dict[str, list] = {"start_ns": []}
+    for unit in units:
+        wins = align_chunks(unit.chunks(), contract, aligner_config)
+        if not wins:
+            continue
+        start = np.array([w.start_ns for w in wins], np.int64)
+        end = np.array([w.end_ns for w in wins], np.int64)
+        lab = unit.label(start, end)
+        keep = np.flatnonzero(lab.codes != IGNORE)
+        for i in keep:
+            w = wins[i]
+            for m in mods:
+                xs[m].append(w.data[m])
+                reasons[m].append("" if w.present[m] else w.missing_reason.get(m, ""))
+            masks.append([1.0 if w.present[m] else 0.0 for m in mods])
+        labels.extend(int(y) for y in lab.codes[keep])
+        num["start_ns"].extend(int(t) for t in start[keep])
+        for k, v in lab.num.items():
+            num.setdefault(k, []).extend(v[keep].tolist())
+        for k, v in unit.meta.items():
+            meta.setdefault(k, []).extend([v] * keep.size)
+        for k, v in lab.meta.items():
+            meta.setdefault(k, []).extend(v[keep].tolist())
+    if not labels:
+        raise InputError(f"no labelled window could be cut from {source!r}", path=source)
+    return WindowSet(
+        mods, {m: np.stack(xs[m]).astype(np.float32) for m in mods},
+        np.array(masks, np.float32), np.array(labels, np.int64),
+        {k: np.array(v) for k, v in meta.items()},
+        {k: np.array(v, np.int64 if k == "start_ns" else np.float64) for k, v in num.items()},
+        {m: np.array(reasons[m]) for m in mods})
+
+
+def segment_units(segments: Iterable[Segment], grid: GridConfig, rule: LabelRule
+                  ) -> Iterator[Unit]:
+    """goodvibes: one unit per segment, labelled by the GPS distance (labels.py)."""
+    for seg in segments:
+        def label(start: np.ndarray, end: np.ndarray, seg: Segment = seg) -> Labelled:
+            dmin, _ = window_distance(seg.track, start, end, rule)
+            return Labelled(detection_labels(dmin, None, rule, seg.background_without_gps),
+                            {"dmin_m": dmin})
+        yield Unit({"site": seg.site, "date": seg.date, "node": seg.node, "group": seg.group,
+                    "kind": seg.kind, "target": seg.target},
+                   lambda seg=seg: segment_chunks(seg, grid.chunk_s), label)
+
+
 def build_windowset(data_dir: str, grid: GridConfig = GridConfig(),
                     rule: LabelRule = LabelRule(),
                     aligner_config: AlignerConfig | None = None) -> WindowSet:
     """Cut and label every goodvibes segment under data_dir; IGNORE windows are dropped."""
     segments, _ = load_segments(data_dir)
-    contract = grid.contract()
-    mods = grid.modalities
-    xs: dict[str, list] = {m: [] for m in mods}
-    masks, labels, starts, dmins = [], [], [], []
-    reasons: dict[str, list] = {m: [] for m in mods}
-    meta: dict[str, list] = {k: [] for k in _STR_COLUMNS}
-    for seg in segments:
-        wins = cut_segment(seg, grid, contract, aligner_config)
-        if not wins:
-            continue
-        start = np.array([w.start_ns for w in wins], np.int64)
-        end = np.array([w.end_ns for w in wins], np.int64)
-        dmin, dmax = window_distance(seg.track, start, end, rule)
-        lab = detection_labels(dmin, dmax, rule, seg.background_without_gps)
-        for w, y, s, d in zip(wins, lab, start, dmin):
-            if y == IGNORE:
-                continue
-            for m in mods:
-                xs[m].append(w.data[m])
-                reasons[m].append(w.missing_reason.get(m, "") if not w.present[m] else "")
-            masks.append([1.0 if w.present[m] else 0.0 for m in mods])
-            labels.append(int(y))
-            starts.append(int(s))
-            dmins.append(float(d))
-            for k, v in (("site", seg.site), ("date", seg.date), ("node", seg.node),
-                         ("group", seg.group), ("kind", seg.kind), ("target", seg.target)):
-                meta[k].append(v)
-    if not labels:
-        raise InputError(f"no labelled window could be cut from {data_dir!r}", path=data_dir)
-    ws = WindowSet(
-        mods, {m: np.stack(xs[m]).astype(np.float32) for m in mods},
-        np.array(masks, np.float32), np.array(labels, np.int64),
-        {k: np.array(v) for k, v in meta.items()},
-        {"start_ns": np.array(starts, np.int64), "dmin_m": np.array(dmins, np.float64)},
-        {m: np.array(reasons[m]) for m in mods})
+    ws = build_windows(segment_units(segments, grid, rule), grid.contract(), aligner_config,
+                       data_dir)
     log.info("built %d windows (%d vehicle) from %s", len(ws), int((ws.label == 1).sum()),
              data_dir)
     return ws

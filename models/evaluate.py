@@ -9,9 +9,20 @@ included. Conditions:
 - ``degraded:<m>``   m removed from a seeded random half of the windows that have it.
 
 Metrics per condition: accuracy, balanced accuracy (mean per-class recall; the
-detection test sets are ~90 % background, so plain accuracy flatters), macro-F1
-and the relative drop of each versus ``all``. Windows with no modality left
-are abstentions; they count as wrong and are reported (``abstained``).
+detection test sets are ~90 % background, so plain accuracy flatters), macro-F1,
+the relative drop of each versus ``all`` and the confusion matrix ([true][predicted]
+counts, label order). Windows with no modality left are abstentions; they count as
+wrong, are reported (``abstained``) and are not in the matrix. These metrics take
+the top label of every scored window (no threshold).
+
+Calibration per condition (models/route_calibration.py): ``ece`` with the model's
+calibration and ``ece_uncalibrated`` without it (15 bins), each beside its noise
+floor (``ece_floor``: what a perfectly calibrated model with these scores would
+measure on this many windows), ``aurc``, ``coverage_at_risk`` (empirical, at
+``target_risk``), ``coverage_by_risk``, ``reliability``, ``risk_coverage`` and what
+the runtime decides with the model's own thresholds: ``decided`` (share of the
+windows) and ``risk_decided`` (error among them).
+A user's own recordings are evaluated by models/evaluate_recordings.py.
 """
 from __future__ import annotations
 
@@ -21,10 +32,12 @@ from typing import Sequence
 
 import numpy as np
 
+from edgefuse.models.calibration import TARGET_RISK
 from edgefuse.models.dataset import WindowSet
+from edgefuse.models.route_calibration import condition_calibration, decide
+from edgefuse.models.route_calibration import windows as _windows  # noqa: F401 (examples/)
 from edgefuse.runtime.core.fusion import Fuser
 from edgefuse.runtime.core.inference import OnnxModel
-from edgefuse.runtime.core.window import Window
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
@@ -67,29 +80,14 @@ def scores(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> dict:
             "abstained": int(np.sum(y_pred < 0))}
 
 
-def _windows(ws: WindowSet, idx: np.ndarray, present: np.ndarray) -> list[Window]:
-    out = []
-    for row, i in enumerate(idx):
-        pres = {m: bool(present[row, j]) for j, m in enumerate(ws.modalities)}
-        out.append(Window(str(ws.meta["node"][i]), row, int(ws.num["start_ns"][i]),
-                          int(ws.num["start_ns"][i]) + 1, {m: ws.x[m][i] for m in ws.modalities},
-                          pres, {m: "evaluation" for m, p in pres.items() if not p},
-                          {m: 1.0 if p else 0.0 for m, p in pres.items()}))
-    return out
-
-
 def predict(model: OnnxModel, ws: WindowSet, idx: np.ndarray, present: np.ndarray,
             batch: int = 256) -> np.ndarray:
-    """Predicted label index per window (-1 = abstained), through the runtime's router."""
-    fuser = Fuser(model, abstain_below=0.0, max_batch=batch)
+    """Predicted label index per window (-1 = no modality present), through the runtime's
+    router, never abstaining on a threshold."""
     labels = list(model.contract.labels)
-    pred = np.full(idx.size, -1, np.int64)
-    for lo in range(0, idx.size, 2048):
-        part = slice(lo, lo + 2048)
-        for k, d in enumerate(fuser.decide(_windows(ws, idx[part], present[part]))):
-            if d.label is not None:
-                pred[lo + k] = labels.index(d.label)
-    return pred
+    return np.array([-1 if d.label is None else labels.index(d.label) for d in
+                     decide(Fuser(model, abstain_below=0.0, max_batch=batch), ws, idx, present)],
+                    np.int64)
 
 
 def conditions(ws: WindowSet, idx: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -110,11 +108,14 @@ def conditions(ws: WindowSet, idx: np.ndarray, seed: int) -> dict[str, np.ndarra
 
 
 def evaluate(model_path: str, ws: WindowSet, idx: np.ndarray, seed: int = 0,
-             use_fallbacks: bool = True, complete_only: bool = True) -> dict:
+             use_fallbacks: bool = True, complete_only: bool = True,
+             target_risk: float = TARGET_RISK, abstain_all: bool = False) -> dict:
     """The evaluation table as a dict (see the module docstring).
 
     complete_only: evaluate on the windows that have every modality (so "without:m"
-    measures the loss of m and not windows that never had anything else)."""
+    measures the loss of m and not windows that never had anything else).
+    target_risk: of coverage_at_risk; abstain_all: the all-present route applies its
+    threshold too (as the runtime's --abstain-all)."""
     if complete_only:
         idx = idx[(ws.mask[idx] > 0).all(axis=1)]
     model = OnnxModel.load(model_path)
@@ -124,7 +125,11 @@ def evaluate(model_path: str, ws: WindowSet, idx: np.ndarray, seed: int = 0,
     y = ws.label[idx]
     rows = {}
     for name, present in conditions(ws, idx, seed).items():
-        rows[name] = scores(y, predict(model, ws, idx, present), len(labels))
+        pred, calibration = condition_calibration(model, ws, idx, present, abstain_all,
+                                                  target_risk)
+        rows[name] = scores(y, pred, len(labels))
+        rows[name]["confusion"] = confusion(y, pred, len(labels)).tolist()
+        rows[name].update(calibration)
     ref = rows["all"]
     for r in rows.values():
         for k in METRICS:
@@ -132,22 +137,10 @@ def evaluate(model_path: str, ws: WindowSet, idx: np.ndarray, seed: int = 0,
     return {"model": model.contract.ident, "labels": labels, "windows": int(idx.size),
             "class_counts": np.bincount(y, minlength=len(labels)).tolist(),
             "fallbacks": ["+".join(s) for s in model.fallbacks], "seed": seed,
-            "complete_only": complete_only,
+            "complete_only": complete_only, "target_risk": target_risk,
+            "abstain_all": abstain_all,
+            "calibration": {r: e.to_dict() for r, e in model.contract.calibration},
             "conditions": rows}
-
-
-def format_table(result: dict) -> str:
-    lines = [f"model {result['model']}  windows {result['windows']}  classes "
-             f"{dict(zip(result['labels'], result['class_counts']))}  fallbacks "
-             f"{result['fallbacks'] or 'none'}",
-             f"{'condition':<20}{'acc':>7}{'bal_acc':>9}{'macroF1':>9}"
-             f"{'drop acc':>10}{'drop bal':>10}{'drop F1':>9}{'abst':>6}"]
-    for name, r in result["conditions"].items():
-        lines.append(f"{name:<20}{r['accuracy']:7.3f}{r['balanced_accuracy']:9.3f}"
-                     f"{r['macro_f1']:9.3f}{r['rel_drop_accuracy']:10.1%}"
-                     f"{r['rel_drop_balanced_accuracy']:10.1%}{r['rel_drop_macro_f1']:9.1%}"
-                     f"{r['abstained']:6d}")
-    return "\n".join(lines)
 
 
 def to_json(result: dict) -> str:
@@ -160,7 +153,7 @@ def subset_names(modalities: Sequence[str]) -> list[str]:
 
 # -- choosing the windows a model is evaluated on ------------------------------------
 EVAL_METADATA_KEY = "edgefuse.eval"
-TASKS = ("detection", "identification", "activity")
+TASKS = ("detection", "identification", "activity", "classification")
 _GOODVIBES = {"acoustic", "seismic"}
 
 
@@ -220,7 +213,8 @@ def select_windows(ws: WindowSet, column: str, keys: Sequence[str] | None) -> np
 
 def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
                      split: str = "test", seed: int = 0, use_fallbacks: bool = True,
-                     keys: Sequence[str] | None = None) -> dict:
+                     keys: Sequence[str] | None = None, target_risk: float = TARGET_RISK,
+                     abstain_all: bool = False) -> dict:
     """Evaluate a model file on the labelled windows of a data folder.
 
     split "test": the held-out keys the model's ``edgefuse.eval`` metadata names (the
@@ -242,6 +236,9 @@ def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
     if task != expected:
         raise ConfigError(f"model {model.contract.ident} is a {expected} model (labels "
                           f"{list(model.contract.labels)}); --task {task} does not apply")
+    if eval_metadata(model).get("dataset") == "recordings":
+        raise ConfigError(f"model {model.contract.ident} was trained on your own recordings; "
+                          "evaluate it with --recordings PATH... --labels FILE")
     ws, column = model_windows(model, data_dir)
     if split not in ("test", "all"):
         raise ConfigError(f"split must be 'test' or 'all', found {split!r}")
@@ -260,7 +257,7 @@ def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
                          "pass the data pack root, other --keys, or --split all",
                          path=data_dir)
     result = evaluate(model_path, ws, idx, seed=seed, use_fallbacks=use_fallbacks,
-                      complete_only=True)
+                      complete_only=True, target_risk=target_risk, abstain_all=abstain_all)
     result.update({"task": task, "n_windows": result["windows"], "split": split,
                    "split_column": column, "split_keys": list(keys) if keys else "all"})
     return result

@@ -33,12 +33,14 @@ import json
 import logging
 import os
 from dataclasses import asdict, dataclass
+from typing import Iterator
 
 import numpy as np
 
-from edgefuse.models.dataset import (CACHE_FORMAT, WINDOWS_VERSION, WindowSet, align_chunks,
-                                     cache_dir)
+from edgefuse.models.dataset import (CACHE_FORMAT, WINDOWS_VERSION, Labelled, Unit,
+                                     WindowSet, align_chunks, build_windows, cache_dir)
 from edgefuse.runtime.core.aligner import AlignerConfig
+from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
 from edgefuse.runtime.core.errors import InputError
 from edgefuse.runtime.core.window import Window
@@ -100,55 +102,44 @@ def cut_execution(execution: sphar.Execution, grid: HarGrid, contract: ModelCont
                   aligner_config: AlignerConfig | None = None) -> list[Window]:
     """Replay one execution's CSVs through a fresh Aligner: replay's sources, merged by
     replay's InputSet."""
-    chunks = InputSet(execution.sources(grid.chunk_s)).chunks()
-    return align_chunks(chunks, contract, aligner_config)
+    return align_chunks(execution_chunks(execution, grid), contract, aligner_config)
+
+
+def execution_chunks(execution: sphar.Execution, grid: HarGrid) -> Iterator[Chunk]:
+    """One execution's chunks: replay's sources, merged by replay's InputSet."""
+    return InputSet(execution.sources(grid.chunk_s)).chunks()
+
+
+def execution_units(root: str, grid: HarGrid, unknown: list[int]) -> Iterator[Unit]:
+    """sp-sw-har: one unit per execution, labelled by the majority of its CSV rows
+    (``unknown`` counts the rows whose label is not an activity)."""
+    code = {a: i for i, a in enumerate(ACTIVITIES)}
+    for execution in sphar.find_executions(root):
+        times, labs = execution.activity_rows()
+        codes = np.array([code.get(x, -1) for x in labs], np.int64)
+        unknown[0] += int((codes < 0).sum())
+
+        def label(start: np.ndarray, end: np.ndarray, t=times[codes >= 0],
+                  c=codes[codes >= 0]) -> Labelled:
+            lab, pur = majority_labels(t, c, start, end, len(ACTIVITIES))
+            target = np.array([ACTIVITIES[y] if y >= 0 else "" for y in lab])
+            return Labelled(lab, {"purity": pur}, {"target": target})
+        yield Unit({"subject": execution.subject, "group": execution.name,
+                    "node": execution.name},
+                   lambda ex=execution: execution_chunks(ex, grid), label)
 
 
 def build_har_windowset(data_dir: str, grid: HarGrid = HarGrid(),
                         aligner_config: AlignerConfig | None = None) -> WindowSet:
     root = find_root(data_dir)
-    contract = grid.contract()
-    code = {a: i for i, a in enumerate(ACTIVITIES)}
-    xs: dict[str, list] = {m: [] for m in MODALITIES}
-    masks, labels, starts, purities = [], [], [], []
-    reasons: dict[str, list] = {m: [] for m in MODALITIES}
-    meta: dict[str, list] = {k: [] for k in ("subject", "group", "node", "target")}
-    unknown = 0
-    for execution in sphar.find_executions(root):
-        times, labs = execution.activity_rows()
-        codes = np.array([code.get(x, -1) for x in labs], np.int64)
-        unknown += int((codes < 0).sum())
-        wins = cut_execution(execution, grid, contract, aligner_config)
-        if not wins:
-            continue
-        start = np.array([w.start_ns for w in wins], np.int64)
-        end = np.array([w.end_ns for w in wins], np.int64)
-        lab, pur = majority_labels(times[codes >= 0], codes[codes >= 0], start, end,
-                                   len(ACTIVITIES))
-        for w, y, s, p in zip(wins, lab, start, pur):
-            if y < 0:
-                continue
-            for m in MODALITIES:
-                xs[m].append(w.data[m])
-                reasons[m].append("" if w.present[m] else w.missing_reason.get(m, ""))
-            masks.append([1.0 if w.present[m] else 0.0 for m in MODALITIES])
-            labels.append(int(y))
-            starts.append(int(s))
-            purities.append(float(p))
-            for k, v in (("subject", execution.subject), ("group", execution.name),
-                         ("node", execution.name), ("target", ACTIVITIES[y])):
-                meta[k].append(v)
-    if unknown:
-        log.warning("%d CSV rows had a label outside %s and were not used", unknown, ACTIVITIES)
-    if not labels:
-        raise InputError(f"no labelled window could be cut from {root!r}", path=root)
-    ws = WindowSet(MODALITIES, {m: np.stack(xs[m]).astype(np.float32) for m in MODALITIES},
-                   np.array(masks, np.float32), np.array(labels, np.int64),
-                   {k: np.array(v) for k, v in meta.items()},
-                   {"start_ns": np.array(starts, np.int64), "purity": np.array(purities)},
-                   {m: np.array(reasons[m]) for m in MODALITIES})
+    unknown = [0]
+    ws = build_windows(execution_units(root, grid, unknown), grid.contract(), aligner_config,
+                       root)
+    if unknown[0]:
+        log.warning("%d CSV rows had a label outside %s and were not used", unknown[0],
+                    ACTIVITIES)
     log.info("built %d HAR windows from %d executions in %s", len(ws),
-             len(set(meta["group"])), root)
+             len(set(ws.meta["group"].tolist())), root)
     return ws
 
 

@@ -2,10 +2,11 @@
 
 Graph of the exported model (what runs in the field):
 
-    raw window [B,1,S_m] --front end (log-mel / log-bands, fixed)--> [B,1,F,T]
+    raw window [B,C,S_m] --front end (log-mel / log-bands, fixed)--> [B,C,F,T]
       --per-band normalisation (fixed, from the training set)--> small 2-D CNN
       --> embedding e_m [B,E]
-    (IMU: raw [B,6,S] --per-channel normalisation--> small 1-D CNN --> e_m)
+    (IMU rates: raw [B,C,S] --per-channel normalisation--> small 1-D CNN --> e_m)
+    The front end of a modality follows from its rate (``default_frontends``).
     z_m = mask_m * e_m + (1 - mask_m) * missing_m       (learned "absent" vector)
     fusion "mlp":  logits = MLP([z_1 .. z_M, mask])
     fusion "late": logits = sum_m mask_m * exp(w_m) * head_m(e_m)   (product of experts)
@@ -18,26 +19,30 @@ features once per dataset; the exported graph runs both.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from edgefuse.models.frontends import log_bands, log_mel
+from edgefuse.runtime.core.contract import ModalitySpec
 
 FUSIONS = ("mlp", "late", "sum")
 
 
 @dataclass(frozen=True)
 class FrontEndConfig:
-    kind: str            # "mel" (acoustic), "bands" (seismic) or "raw" (IMU: no front end)
+    kind: str            # "mel" (audio rates), "bands" (vibration rates) or "raw" (IMU rates)
     rate_hz: float
     samples: int
     n_fft: int
     hop: int
-    n_filters: int
+    n_filters: int       # "raw": the channel count
     fmin: float
     fmax: float
+    channels: int = 1    # spectral kinds: one spectrogram per channel, stacked as planes
 
 
 @dataclass(frozen=True)
@@ -67,24 +72,50 @@ class NetConfig:
                    int(d["width"]), int(d["hidden"]), str(d.get("fusion", "mlp")))
 
 
-def default_frontends(rates: dict[str, float], window_s: float = 1.0) -> tuple[FrontEndConfig, ...]:
+AUDIO_HZ = 4000.0       # at and above: a log-mel spectrogram (audio rates)
+VIBRATION_HZ = 200.0    # at and above (below AUDIO_HZ): linear log bands; below: raw
+
+
+def _pow2_near(x: float, most: int) -> int:
+    """The power of two nearest x (in log scale), at most ``most`` (a window's samples)."""
+    n = 2 ** max(2, int(round(math.log2(max(x, 4.0)))))
+    while n > most and n > 4:
+        n //= 2
+    return n
+
+
+def default_frontends(modalities: Sequence[ModalitySpec], window_ns: int
+                      ) -> tuple[FrontEndConfig, ...]:
+    """The built-in front end of each modality, chosen by its rate (never its name):
+
+    - >= 4 kHz (audio): log-mel, n_fft ~52 ms, hop n_fft/2, 32 bands from 20 Hz to
+      0.4 x rate (at least 2 kHz, at most 8 kHz);
+    - 200 Hz .. 4 kHz (vibration): linear log bands, n_fft ~160 ms, hop n_fft/4, 16
+      bands from 0 to max(200 Hz, rate/4);
+    - < 200 Hz (IMU, slow sensors): the raw channels (a 1-D CNN).
+    At 4934 Hz and 800 Hz these are the bundled goodvibes front ends exactly
+    (n_fft 256 / hop 128 / 20-2000 Hz; n_fft 128 / hop 32 / 0-200 Hz)."""
     out = []
-    for name, rate in rates.items():
-        samples = int(round(rate * window_s))
-        if name == "acoustic":
-            out.append(FrontEndConfig("mel", rate, samples, 256, 128, 32, 20.0, 2000.0))
-        elif name == "seismic":
-            out.append(FrontEndConfig("bands", rate, samples, 128, 32, 16, 0.0, 200.0))
-        elif name.startswith("imu"):
-            out.append(raw_frontend(rate, samples, 6))
+    for m in modalities:
+        rate, samples = float(m.rate_hz), m.samples(window_ns)
+        if rate >= AUDIO_HZ:
+            n_fft = _pow2_near(rate * 0.052, samples)
+            fmax = min(max(0.4 * rate, 2000.0), 8000.0, rate / 2)
+            out.append(FrontEndConfig("mel", rate, samples, n_fft, n_fft // 2, 32, 20.0, fmax,
+                                      m.channels))
+        elif rate >= VIBRATION_HZ:
+            n_fft = _pow2_near(rate * 0.16, samples)
+            fmax = min(max(200.0, rate / 4), rate / 2)
+            out.append(FrontEndConfig("bands", rate, samples, n_fft, max(1, n_fft // 4), 16,
+                                      0.0, fmax, m.channels))
         else:
-            raise ValueError(f"no default front end for modality {name!r}")
+            out.append(raw_frontend(rate, samples, m.channels))
     return tuple(out)
 
 
 def raw_frontend(rate_hz: float, samples: int, channels: int) -> FrontEndConfig:
     """No spectral front end: the encoder sees the raw channels (n_filters = channels)."""
-    return FrontEndConfig("raw", rate_hz, samples, 0, 0, channels, 0.0, rate_hz / 2)
+    return FrontEndConfig("raw", rate_hz, samples, 0, 0, channels, 0.0, rate_hz / 2, channels)
 
 
 def make_frontend(cfg: FrontEndConfig) -> nn.Module:
@@ -100,15 +131,15 @@ def make_frontend(cfg: FrontEndConfig) -> nn.Module:
 
 
 class Encoder(nn.Module):
-    """Log-spectrogram [B,1,F,T] -> embedding [B,E]."""
+    """Log-spectrogram [B,C,F,T] (C = the modality's channels) -> embedding [B,E]."""
 
-    def __init__(self, n_filters: int, width: int, embed: int):
+    def __init__(self, n_filters: int, width: int, embed: int, channels: int = 1):
         super().__init__()
-        self.register_buffer("mean", torch.zeros(1, 1, n_filters, 1))
-        self.register_buffer("std", torch.ones(1, 1, n_filters, 1))
+        self.register_buffer("mean", torch.zeros(1, channels, n_filters, 1))
+        self.register_buffer("std", torch.ones(1, channels, n_filters, 1))
         w = width
         self.conv = nn.Sequential(
-            nn.Conv2d(1, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
+            nn.Conv2d(channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(),
             nn.MaxPool2d(2, ceil_mode=True),
             nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(),
             nn.MaxPool2d(2, ceil_mode=True),
@@ -149,7 +180,7 @@ class Encoder1D(nn.Module):
 def make_encoder(cfg: FrontEndConfig, width: int, embed: int) -> nn.Module:
     if cfg.kind == "raw":
         return Encoder1D(cfg.n_filters, width, embed)
-    return Encoder(cfg.n_filters, width, embed)
+    return Encoder(cfg.n_filters, width, embed, cfg.channels)
 
 
 class FusionNet(nn.Module):
@@ -242,8 +273,8 @@ def estimate_flops(net: FusionNet) -> int:
             total += 2 * enc.proj.in_features * enc.proj.out_features
             continue
         frames = 1 + (cfg.samples - cfg.n_fft) // cfg.hop
-        total += 2 * fe.kernels.shape[0] * cfg.n_fft * frames            # conv-STFT
-        total += 2 * fe.fbank_t.shape[0] * fe.fbank_t.shape[1] * frames   # filterbank
+        total += 2 * fe.kernels.shape[0] * cfg.n_fft * frames * cfg.channels     # conv-STFT
+        total += 2 * fe.fbank_t.shape[0] * fe.fbank_t.shape[1] * frames * cfg.channels
         f, t = cfg.n_filters, frames
         for layer in enc.conv:
             if isinstance(layer, nn.Conv2d):

@@ -59,19 +59,54 @@ def _split_by_keys(keys: np.ndarray, what: str, test: tuple[str, ...], val: tupl
                  np.flatnonzero(ok & is_test), tuple(test), tuple(val))
 
 
-def check_no_leakage(ws: WindowSet, split: Split) -> None:
-    """Raise ConfigError when an event group or a day-site has windows on two sides."""
-    groups = ws.meta["group"]
-    keys = day_site_keys(ws)
+def default_val_keys(keys: np.ndarray, train: np.ndarray, fraction: float, seed: int
+                     ) -> tuple[str, ...]:
+    """The validation groups when the config names none: round(fraction x training
+    groups) of the keys on the training side, at least 1 when there are 3 or more and
+    never leaving fewer than 2 to train on; drawn by ``seed`` from the sorted keys, so
+    the same config holds out the same groups. Whole groups, never windows; the test
+    groups are not on the training side, so never among them."""
+    groups = sorted(set(np.asarray(keys)[train].astype(str).tolist()))
+    n = int(round(fraction * len(groups)))
+    if fraction > 0 and len(groups) >= 3:
+        n = max(n, 1)
+    n = max(0, min(n, len(groups) - 2))
+    pick = np.random.default_rng(seed).permutation(len(groups))[:n]
+    return tuple(sorted(groups[i] for i in pick))
+
+
+def hold_out_events(ws: WindowSet, split: Split, events: tuple[str, ...]) -> Split:
+    """The split with the training windows of these event groups moved to validation
+    (``val_keys`` then names the events). Every window of an event goes with it, so no
+    event straddles train and validation; its day-site may (the test side stays whole)."""
+    moved = np.isin(ws.meta["group"][split.train].astype(str), list(events))
+    val = np.sort(np.concatenate([split.val, split.train[moved]]))
+    return Split(split.train[~moved], val, split.test, split.test_keys,
+                 tuple(split.val_keys) + tuple(events))
+
+
+def _one_side(col: np.ndarray, sides: dict[str, np.ndarray], what: str) -> None:
+    seen: dict[str, str] = {}
+    for side, idx in sides.items():
+        for g in set(col[idx].tolist()):
+            if g in seen and seen[g] != side:
+                raise ConfigError(f"{what} {g!r} has windows in both {seen[g]} and {side}; "
+                                  "split by day-site, never by window")
+            seen[g] = side
+
+
+def check_no_leakage(ws: WindowSet, split: Split, events_in_val: bool = False,
+                     column: str = "day_site") -> None:
+    """Raise ConfigError when an event group or a split key (``column``: day-site or a
+    meta column) has windows on two sides. ``events_in_val``: validation holds whole
+    event groups (hold_out_events), so a key may be on the train and validation sides,
+    never on the test side too."""
     sides = {"train": split.train, "val": split.val, "test": split.test}
-    for what, col in (("event group", groups), ("day-site", keys)):
-        seen: dict[str, str] = {}
-        for side, idx in sides.items():
-            for g in set(col[idx].tolist()):
-                if g in seen and seen[g] != side:
-                    raise ConfigError(f"{what} {g!r} has windows in both {seen[g]} and {side}; "
-                                      "split by day-site, never by window")
-                seen[g] = side
+    _one_side(ws.meta["group"], sides, "event group")
+    if events_in_val:
+        sides = {"train": np.concatenate([split.train, split.val]), "test": split.test}
+    keys = day_site_keys(ws) if column == "day_site" else ws.meta[column].astype(str)
+    _one_side(keys, sides, "day-site" if column == "day_site" else column)
     overlap = (set(split.train.tolist()) & set(split.test.tolist())) | \
               (set(split.train.tolist()) & set(split.val.tolist()))
     if overlap:

@@ -6,7 +6,10 @@ binding port 0; ``stop()``/``start()`` keep the port so clients can reconnect.
 from __future__ import annotations
 
 import os
-import pty
+
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")  # see edgefuse/runtime/__init__.py
+
+import pty  # noqa: E402
 import shutil
 import signal
 import socket

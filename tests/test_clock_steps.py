@@ -262,7 +262,7 @@ def test_a_lead_beyond_max_lead_closes_windows_without_the_laggard(model):
     assert late and all(w.present["acoustic"] and w.present["seismic"] for w in late)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)   # the same 30 cases on CI
 @given(stepped=st.sampled_from(ALL), step_s=st.floats(-5.0, 5.0).filter(lambda x: abs(x) > 0.05),
        after_s=st.floats(1.5, 12.0), jitter=st.sampled_from(ALL + ("",)),
        dropped=st.sampled_from(ALL + ("",)), drop_at=st.floats(1.0, 25.0),
@@ -273,11 +273,14 @@ def test_any_step_within_the_envelope_cuts_alike_live_and_replayed(
     with stamp jitter and an outage of up to 3 s on any stream: arrival order and
     log-time order cut the same windows, each once."""
     at = abs(step_s) + after_s
-    # Known limit (README, "Clocks are modelled per stream"): a backward step whose new
-    # labels land inside the same stream's own outage is called `gap` in arrival order
-    # and `clock_step` in log order for the seam window (the data is the same).
+    # Known limit (README, "Clocks are modelled per stream"): a backward step and an
+    # outage of the same stream whose labels overlap - the outage before the step where
+    # the new labels land, or after it while its new labels still run over the old ones
+    # (within |step| of the step) - is cut differently in arrival order and log order
+    # for the seam windows (`gap` vs `clock_step`, or the coverage of the re-used labels;
+    # the data is the same).
     assume(not (dropped == stepped and step_s < 0
-                and drop_at < at + 0.5 and drop_at + drop_s > at + step_s - 0.5))
+                and drop_at < at + abs(step_s) + 0.5 and drop_at + drop_s > at + step_s - 0.5))
     specs = [f"step:{stepped}@{at:.3f}s={step_s:+.3f}s"]
     if jitter:
         specs.append(f"jitter:{jitter}=0.3ms")

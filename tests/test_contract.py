@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from edgefuse.runtime.core.contract import ModelContract
+from edgefuse.runtime.core.contract import UNCALIBRATED, ModelContract, RouteCalibration
 from edgefuse.runtime.core.errors import ModelContractError
 
 
@@ -26,6 +26,11 @@ def valid_doc() -> dict:
         "mask_input": "modality_mask", "output": "scores", "output_kind": "logits",
         "fallbacks": [{"modalities": ["seismic", "acoustic"], "file": "gv.as.onnx"},
                       {"modalities": ["imu"], "file": "gv.imu.onnx"}],
+        "calibration": {"all": {"temperature": 1.5},
+                        "subset:imu": {"temperature": 0.8, "threshold": 0.9, "coverage": 0.7,
+                                       "target_risk": 0.02, "val_risk": 0.011,
+                                       "risk_bound": 0.019, "n": 1200},
+                        "masked:seismic": {"temperature": 2, "threshold": 0.0}},
         "description": "test",
     }
 
@@ -45,9 +50,30 @@ def test_valid_contract_parses_and_round_trips():
 
 def test_output_kind_defaults_to_logits_and_fallbacks_to_none():
     doc = valid_doc()
-    del doc["output_kind"], doc["fallbacks"]
+    del doc["output_kind"], doc["fallbacks"], doc["calibration"]
     c = ModelContract.from_dict(doc)
     assert c.output_kind == "logits" and c.fallbacks == ()
+
+
+def test_calibration_per_route_round_trips_and_old_models_are_uncalibrated():
+    c = ModelContract.from_dict(valid_doc())
+    assert [route for route, _ in c.calibration] == ["all", "masked:seismic", "subset:imu"]
+    imu = c.route_calibration("subset:imu")
+    assert (imu.temperature, imu.threshold, imu.coverage, imu.n) == (0.8, 0.9, 0.7, 1200)
+    # the most specific key first, then the generic one, else uncalibrated
+    assert c.route_calibration("masked:seismic", "masked").temperature == 2.0
+    assert c.route_calibration("masked:acoustic", "masked") is UNCALIBRATED
+    assert UNCALIBRATED == RouteCalibration(1.0, None)
+    again = ModelContract.from_json(c.to_json())
+    assert again == c
+    assert json.loads(c.to_json())["calibration"]["all"] == {"temperature": 1.5}
+
+    old = valid_doc()
+    del old["calibration"]
+    plain = ModelContract.from_dict(old)
+    assert plain.calibration == () and plain.route_calibration("all") is UNCALIBRATED
+    assert "calibration" not in json.loads(plain.to_json())  # old files stay as they were
+    assert ModelContract.from_dict({**old, "calibration": None}) == plain
 
 
 def _mutated(path: list, value) -> dict:
@@ -104,6 +130,42 @@ INVALID = [
     ("fallback-no-file", ["fallbacks", 1, "file"], _DELETE, ["'file' must be a non-empty string"]),
     ("fallback-same-subset-twice", ["fallbacks", 1, "modalities"], ["seismic", "acoustic"],
      ["each fallback subset may appear once"]),
+    ("calibration-not-object", ["calibration"], [1.5], ["'calibration' must be an object"]),
+    ("temperature-zero", ["calibration", "all", "temperature"], 0,
+     ["calibration['all'].temperature must be a finite number in (0, 1000]", "0"]),
+    ("temperature-negative", ["calibration", "all", "temperature"], -1.5,
+     ["calibration['all'].temperature", "-1.5"]),
+    ("temperature-infinite", ["calibration", "all", "temperature"], float("inf"),
+     ["calibration['all'].temperature", "inf"]),
+    ("temperature-nan", ["calibration", "all", "temperature"], float("nan"),
+     ["calibration['all'].temperature", "nan"]),
+    ("temperature-string", ["calibration", "all", "temperature"], "1.5",
+     ["calibration['all'].temperature", "'1.5'"]),
+    ("temperature-missing", ["calibration", "subset:imu", "temperature"], _DELETE,
+     ["calibration['subset:imu']: 'temperature' is required"]),
+    ("threshold-above-one", ["calibration", "subset:imu", "threshold"], 1.5,
+     ["calibration['subset:imu'].threshold must be a number in [0, 1]", "1.5"]),
+    ("threshold-negative", ["calibration", "subset:imu", "threshold"], -0.1,
+     ["calibration['subset:imu'].threshold", "-0.1"]),
+    ("threshold-bool", ["calibration", "subset:imu", "threshold"], True,
+     ["calibration['subset:imu'].threshold", "True"]),
+    ("coverage-above-one", ["calibration", "subset:imu", "coverage"], 2,
+     ["calibration['subset:imu'].coverage"]),
+    ("n-negative", ["calibration", "subset:imu", "n"], -1, ["calibration['subset:imu'].n"]),
+    ("n-float", ["calibration", "subset:imu", "n"], 1.5, ["calibration['subset:imu'].n"]),
+    ("entry-typo", ["calibration", "subset:imu", "treshold"], 0.5,
+     ["calibration['subset:imu']: allowed keys are", "treshold"]),
+    ("entry-not-object", ["calibration", "all"], 1.5, ["calibration['all'] must be an object"]),
+    ("route-unknown-fallback", ["calibration", "subset:seismic"], {"temperature": 1.0},
+     ["calibration['subset:seismic']: routes are", "subset:imu"]),
+    ("route-unknown-name", ["calibration", "none"], {"temperature": 1.0},
+     ["calibration['none']: routes are"]),
+    ("masked-route-out-of-order", ["calibration", "masked:seismic+acoustic"],
+     {"temperature": 1.0}, ["a masked route names the present modalities", "in that order"]),
+    ("masked-route-every-modality", ["calibration", "masked:acoustic+seismic+imu"],
+     {"temperature": 1.0}, ["proper subset"]),
+    ("masked-route-unknown-modality", ["calibration", "masked:radar"], {"temperature": 1.0},
+     ["calibration['masked:radar']"]),
 ]
 
 
@@ -131,6 +193,7 @@ KNOWN_CRASHERS = [
     ("huge-window", ["window_ns"], 10 ** 400),                       # int -> float OverflowError
     ("fallbacks-an-int", ["fallbacks"], 5),                          # enumerate(5): TypeError
     ("fallbacks-true", ["fallbacks"], True),                         # enumerate(True): TypeError
+    ("temperature-huge-int", ["calibration", "all", "temperature"], 10 ** 400),  # float(): overflow
 ]
 
 
@@ -174,3 +237,20 @@ def test_any_value_in_a_modality_parses_or_is_refused_cleanly(index, key, value)
         ModelContract.from_json(json.dumps(doc), "fuzz")
     except ModelContractError as exc:
         assert "fuzz: " in str(exc)
+
+
+@settings(max_examples=200, deadline=None)
+@given(route=st.sampled_from(["all", "subset:imu", "masked:seismic", "masked", "other"]),
+       key=st.sampled_from(["temperature", "threshold", "coverage", "n", "x"]),
+       value=_json_values)
+def test_any_value_in_a_calibration_entry_parses_or_is_refused_cleanly(route, key, value):
+    doc = valid_doc()
+    doc["calibration"].setdefault(route, {"temperature": 1.0})[key] = value
+    try:
+        c = ModelContract.from_json(json.dumps(doc), "fuzz")
+    except ModelContractError as exc:
+        assert "fuzz: " in str(exc) and route in str(exc)  # the message names the route
+    else:
+        cal = c.route_calibration(route)
+        assert 0 < cal.temperature <= 1e3
+        assert cal.threshold is None or 0 <= cal.threshold <= 1

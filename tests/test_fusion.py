@@ -107,9 +107,11 @@ def test_every_route(model):
     assert [(x.window_start_ns, x.window_end_ns) for x in d] == \
         [(w.start_ns, w.end_ns) for w in windows]
     assert d[1].coverage == {"acoustic": 0.25, "seismic": 1.0}
+    assert [x.route for x in d] == ["all", "subset:seismic", "masked", None]
     assert fuser.stats() == {
         "decisions": {"none": 1, "subset:seismic": 1, "masked": 1, "abstain": 1},
-        "batches": {"none": 1, "subset:seismic": 1, "masked": 1}}  # abstain ran nothing
+        "batches": {"none": 1, "subset:seismic": 1, "masked": 1},  # abstain ran nothing
+        "abstained": {}}  # no threshold: the abstention is the empty window's
     json.loads(d[2].to_json())  # canonical JSON works for every route
 
 

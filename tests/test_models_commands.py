@@ -132,6 +132,9 @@ def test_evaluate_json_shape(smoke_model, capsys):
                                       "without:seismic", "degraded:seismic"}
     for row in doc["conditions"].values():
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["macro_f1"] <= 1.0
+        cm = np.array(row["confusion"])        # [true][predicted], abstentions left out
+        assert cm.shape == (2, 2) and cm.sum() == row["n"] - row["abstained"]
+        assert np.trace(cm) == round(row["accuracy"] * row["n"])
     assert doc["conditions"]["all"]["rel_drop_accuracy"] == 0.0
 
 

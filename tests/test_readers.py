@@ -406,7 +406,16 @@ def test_one_stream_from_two_inputs_is_renumbered(tmp_path):
     (later / "meta.json").write_text(json.dumps(meta))
     chunks = list(open_inputs([os.path.join(CLOSE, "2D.16.123"), later]).chunks())
     for cs in _per_stream(chunks).values():
-        assert [c.seq for c in cs] == list(range(len(cs))) and len(cs) == 6
+        # one sequence: consecutive within each input, and from the first input to the
+        # second a hole as long as the silence between them (a gap, not a clock step)
+        seqs = [c.seq for c in cs]
+        assert len(cs) == 6 and seqs[:3] == [0, 1, 2]
+        assert seqs[3:] == list(range(seqs[3], seqs[3] + 3))
+        last = cs[2]
+        period_ns = last.n * 1e9 / last.rate_hz
+        silence_ns = cs[3].t0_ns - (last.t0_ns + period_ns)
+        assert silence_ns > 90e9
+        assert (seqs[3] - seqs[2] - 1) * period_ns == pytest.approx(silence_ns, rel=0.05)
 
 
 def test_merge_opens_sources_lazily():

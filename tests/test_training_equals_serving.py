@@ -133,6 +133,35 @@ def test_har_windows_of_training_equal_replay(monkeypatch, tmp_path, execution):
     _assert_same_windows(trained, served)
 
 
+def test_own_recording_windows_of_training_equal_replay(monkeypatch, tmp_path):
+    """A user's recordings (two nodes of WAV + CSV manifests): training cuts each node
+    with its own aligner (models/recordings.py), replay one pipeline for both."""
+    pytest.importorskip("torch")   # the model file is written by the exporter
+    from edgefuse.exporters.onnx_export import export
+    from edgefuse.models.recordings import node_chunks
+    from edgefuse.models.dataset import align_chunks
+    from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
+    from edgefuse.sensors.readers.inputs import open_inputs
+    from tests.own_data import LABELS, RATES, write_node
+    from tests.own_nets import TinyNet
+    plan = (("idle", 3), ("walk", 3), ("vehicle", 3))
+    folders = [write_node(tmp_path, n, seed=i, plan=plan, t0_ns=1_777_636_800_000_000_000
+                          + i * 700_000_000) for i, n in enumerate(("pi-a", "pi-b"))]
+    mods = tuple(ModalitySpec(m, 6 if m == "imu" else 1, float(r), m) for m, r in RATES.items())
+    contract = ModelContract("own", "0", mods, 1_000_000_000, 500_000_000, LABELS,
+                             "modality_mask", "scores", "logits")
+    stats = {m.name: (np.zeros(m.channels, np.float32), np.ones(m.channels, np.float32))
+             for m in mods}
+    model = export(TinyNet(contract, stats), contract, tmp_path / "own.onnx")
+    inputs = open_inputs(folders, 1.0)
+    trained = [w for node in ("pi-a", "pi-b")
+               for w in align_chunks(node_chunks(inputs, node, contract.modality_names)(),
+                                     contract)]
+    served = _replay_windows(monkeypatch, tmp_path, folders, model, 1.0)
+    served.sort(key=lambda w: (w.node, w.index))   # replay interleaves the nodes in time
+    _assert_same_windows(trained, served)
+
+
 def test_training_takes_the_exact_sensor_clock_t0():
     """The t0 in meta.json, to the ns: not float seconds (256 ns steps in 2023)."""
     segments, _ = pass_segments(str(DATA / "goodvibes"))

@@ -101,7 +101,9 @@ def test_manifest_streams_rates_and_exact_t0s(node):
     assert imu[0].t0_ns == IMU_T0_MS * 1_000_000 and imu[0].rate_hz == 100.0
     second = [c for c in imu if c.t0_ns >= (IMU_T0_MS + 4000) * 1_000_000]
     assert second[0].t0_ns == (IMU_T0_MS + 4000) * 1_000_000 and sum(c.n for c in second) == 200
-    assert [c.seq for c in imu] == list(range(len(imu)))
+    # seq skips the second lost between the runs (3 chunks, then 1 s missing): the
+    # aligner's clock reads the hole as lost data, not as a clock step
+    assert [c.seq for c in imu] == [0, 1, 2, 4, 5]
 
 
 def test_the_manifest_path_itself_and_a_toml_name_work(node):
@@ -217,3 +219,64 @@ def test_export_streams_reads_back(node, tmp_path):
                 if c.modality == "acoustic"]
     assert timing(before) == timing(after)
     assert main(["export-streams", str(log), "-o", str(out)]) == 1  # never overwrites
+
+
+def _imu_csv(path, stamps_ms, seed=0) -> None:
+    rng = np.random.default_rng(seed)
+    rows = [f"{t}," + ",".join(f"{v:.4f}" for v in rng.standard_normal(6)) for t in stamps_ms]
+    path.write_text("t_ms,ax,ay,az,gx,gy,gz\n" + "\n".join(rows) + "\n")
+
+
+def test_whole_millisecond_stamps_with_repeats_are_one_run(tmp_path):
+    # a 104 Hz logger stamping whole ms: steps of 9, 10 and repeats are one clock
+    stamps = (IMU_T0_MS + np.floor(np.arange(2000) * (1000 / 104.0))).astype(np.int64)
+    stamps[500] = stamps[499]           # a repeated stamp
+    _imu_csv(tmp_path / "imu.csv", stamps)
+    layout = csvfile.scan(tmp_path / "imu.csv")
+    assert len(layout.runs) == 1
+    assert layout.runs[0].rate_hz == pytest.approx(104.0, rel=1e-3)
+
+
+def _aligner_clock_steps(chunks) -> int:
+    from edgefuse.runtime.core.aligner import Aligner
+    from edgefuse.runtime.core.contract import ModalitySpec, ModelContract
+    contract = ModelContract("t", "0", (ModalitySpec("imu", 6, 50.0, "imu"),),
+                             1_000_000_000, 500_000_000, ("a", "b"),
+                             "modality_mask", "scores", "logits")
+    aligner = Aligner(contract)
+    for c in chunks:
+        aligner.push(c)
+    aligner.flush()
+    return sum(s["clock_steps"] for s in aligner.stats()["streams"].values())
+
+
+def test_silence_between_files_and_csv_runs_is_a_gap_not_a_clock_step(tmp_path):
+    # one stream in two files 30 s apart, the first with a 5 s hole of its own
+    first = np.r_[np.arange(0, 3000, 10), np.arange(8000, 12000, 10)] + IMU_T0_MS
+    second = np.arange(42000, 50000, 10) + IMU_T0_MS
+    _imu_csv(tmp_path / "a.csv", first)
+    _imu_csv(tmp_path / "b.csv", second, seed=1)
+    (tmp_path / "recording.toml").write_text(
+        '[[stream]]\nnode = "n1"\nmodality = "imu"\nfile = "a.csv"\n\n'
+        '[[stream]]\nnode = "n1"\nmodality = "imu"\nfile = "b.csv"\n')
+    a = list(open_inputs(tmp_path).chunks())
+    seqs = [c.seq for c in a]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+    # 3 chunks, 5 s lost, 4 chunks, 30 s lost, 8 chunks (1 s chunks)
+    assert seqs == [0, 1, 2, *range(8, 12), *range(42, 50)]
+    assert _aligner_clock_steps(a) == 0
+    # a real step (labels jump, seq runs on) is still one
+    stepped = [c if c.seq < 3 else type(c)(c.node, c.modality, c.t0_ns + 7_000_000_000,
+                                            c.rate_hz, c.samples, c.seq - 5)
+               for c in a[:7]]
+    assert _aligner_clock_steps(stepped) == 1
+
+
+def test_a_folder_of_node_folders_with_manifests_reads_every_node(tmp_path):
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        write_node(tmp_path / name)
+        text = (tmp_path / name / "recording.toml").read_text()
+        (tmp_path / name / "recording.toml").write_text(text.replace('"pi-a"', f'"pi-{name}"'))
+    streams = open_inputs(tmp_path).streams
+    assert sorted({s.node for s in streams}) == ["pi-a", "pi-b"] and len(streams) == 6

@@ -15,6 +15,11 @@ key ``edgefuse``, one JSON document:
       "mask_input": "modality_mask",
       "output": "scores", "output_kind": "logits",      # or "probabilities"
       "fallbacks": [{"modalities": ["seismic"], "file": "gv.seismic.onnx"}],
+      "calibration": {                                  # optional, per route
+        "all": {"temperature": 1.4, "threshold": 0.93, "coverage": 0.91,
+                "target_risk": 0.02},
+        "subset:seismic": {"temperature": 1.9, "threshold": 0.97, ...}
+      },
       "description": "free text"
     }
 
@@ -25,11 +30,23 @@ Output: [batch, n_labels] class scores. Fallback models (paths relative to
 the main file) take only their subset's inputs, plus the mask of that subset,
 and have the same labels, window and hop.
 
+``calibration`` maps a route to how its scores are read (see fusion.py):
+routes are "all" (the main model, every modality present), a fallback's tag
+("subset:seismic"), "masked" (the main model with modalities masked) or, more
+specific, "masked:<present modalities>" ("masked:acoustic"). Per route:
+``temperature`` (logits are divided by it before the softmax; > 0) and,
+optionally, ``threshold`` (a top calibrated probability below it abstains),
+with what it was chosen for and cost on validation data: ``target_risk``,
+``coverage``, ``val_risk``, ``risk_bound``, ``n``. A route without an entry,
+and every route of a model without ``calibration``, has temperature 1 and no
+threshold (the model's own scores, as before calibration existed).
+
 This module parses and checks the document; it never imports onnx (the
 runtime reads metadata through onnxruntime).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -39,6 +56,27 @@ from edgefuse.runtime.core.errors import ModelContractError
 METADATA_KEY = "edgefuse"
 CONTRACT_VERSION = 1
 OUTPUT_KINDS = ("logits", "probabilities")
+ROUTE_ALL = "all"
+ROUTE_MASKED = "masked"
+MAX_TEMPERATURE = 1e3
+
+
+@dataclass(frozen=True)
+class RouteCalibration:
+    """How one route's scores are read. The defaults are "uncalibrated"."""
+    temperature: float = 1.0
+    threshold: float | None = None       # abstain below this top probability
+    target_risk: float | None = None     # what the threshold was chosen for ...
+    coverage: float | None = None        # ... and what it kept on validation data
+    val_risk: float | None = None        # error among the windows kept there
+    risk_bound: float | None = None      # its upper confidence bound
+    n: int | None = None                 # validation windows of the route
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+UNCALIBRATED = RouteCalibration()
 
 
 @dataclass(frozen=True)
@@ -75,6 +113,7 @@ class ModelContract:
     output_kind: str
     fallbacks: tuple[FallbackSpec, ...] = ()
     description: str = ""
+    calibration: tuple[tuple[str, RouteCalibration], ...] = ()  # (route, entry), sorted
 
     @property
     def ident(self) -> str:
@@ -89,6 +128,14 @@ class ModelContract:
             if m.name == name:
                 return m
         raise KeyError(name)
+
+    def route_calibration(self, *routes: str) -> RouteCalibration:
+        """The entry of the first of ``routes`` that has one, else UNCALIBRATED."""
+        table = dict(self.calibration)
+        for route in routes:
+            if route in table:
+                return table[route]
+        return UNCALIBRATED
 
     def to_json(self) -> str:
         doc = {
@@ -109,6 +156,8 @@ class ModelContract:
                           for f in self.fallbacks],
             "description": self.description,
         }
+        if self.calibration:  # absent, not empty, in models without it: old files unchanged
+            doc["calibration"] = {route: cal.to_dict() for route, cal in self.calibration}
         return json.dumps(doc, sort_keys=True)
 
     @classmethod
@@ -182,8 +231,66 @@ class ModelContract:
         subsets = [f.modalities for f in fallbacks]
         c.require(len(set(subsets)) == len(subsets), "each fallback subset may appear once",
                   subsets)
+        calibration = _calibration(c, doc.get("calibration"), names, fallbacks)
         return cls(name, version, tuple(mods), window_ns, hop_ns, tuple(labels), mask_input,
-                   output, output_kind, tuple(fallbacks), str(doc.get("description", "")))
+                   output, output_kind, tuple(fallbacks), str(doc.get("description", "")),
+                   calibration)
+
+
+def _calibration(c: "_Checker", raw: object, names: list[str],
+                 fallbacks: list[FallbackSpec]) -> tuple[tuple[str, RouteCalibration], ...]:
+    """Parse the optional ``calibration`` mapping; each route must be one this model takes."""
+    if raw is None:
+        return ()
+    c.require(isinstance(raw, dict), "'calibration' must be an object mapping route -> entry",
+              raw)
+    assert isinstance(raw, dict)
+    tags = {f.tag for f in fallbacks}
+    out = []
+    for route in sorted(raw, key=str):
+        entry = raw[route]
+        where = f"calibration[{route!r}]"
+        c.require(isinstance(route, str), "calibration routes must be strings", route)
+        if route.startswith(ROUTE_MASKED + ":"):
+            subset = route[len(ROUTE_MASKED) + 1:].split("+")
+            ordered = tuple(n for n in names if n in subset)
+            c.require(len(ordered) == len(subset) and subset == list(ordered)
+                      and 0 < len(ordered) < len(names),
+                      f"{where}: a masked route names the present modalities, a proper subset "
+                      f"of {names} in that order joined by '+'", route)
+        else:
+            c.require(route in {ROUTE_ALL, ROUTE_MASKED} | tags,
+                      f"{where}: routes are {sorted({ROUTE_ALL, ROUTE_MASKED} | tags)} or "
+                      "'masked:<present modalities>'", route)
+        c.require(isinstance(entry, dict), f"{where} must be an object", entry)
+        known = {f.name for f in dataclasses.fields(RouteCalibration)}
+        c.require(set(entry) <= known, f"{where}: allowed keys are {sorted(known)}",
+                  sorted(set(entry) - known))
+        c.require("temperature" in entry, f"{where}: 'temperature' is required", entry)
+        values = {}
+        for key, v in entry.items():
+            if key == "n":
+                c.require(isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                          f"{where}.n must be a whole number >= 0", v)
+            elif key == "temperature":
+                c.require(_number(v) and 0 < v <= MAX_TEMPERATURE,
+                          f"{where}.temperature must be a finite number in "
+                          f"(0, {MAX_TEMPERATURE:g}]", v)
+            else:
+                c.require(_number(v) and 0 <= v <= 1,
+                          f"{where}.{key} must be a number in [0, 1]", v)
+            values[key] = v if key == "n" else float(v)
+        out.append((route, RouteCalibration(**values)))
+    return tuple(out)
+
+
+def _number(v: object) -> bool:
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int beyond float range
+        return False
 
 
 class _Checker:

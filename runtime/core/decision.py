@@ -30,6 +30,14 @@ class Decision:
     carries the same key. Only a model with another hop_ns, deployed by a
     restart, numbers windows anew; ``window_start_ns`` tells those apart.
 
+    ``fallback`` says what was decided with: "none" (the main model, every modality
+    present), a fallback's tag ("subset:seismic"), "masked", or "abstain" (label
+    None). ``route`` names the model route that scored the window, whatever the
+    outcome: "all", the fallback's tag, "masked", or None when no model ran (no
+    modality present). So an abstention says whose confidence was too low
+    (``"fallback":"abstain","route":"subset:seismic"``) and keeps its scores, which
+    are calibrated probabilities when the model's contract calibrates that route.
+
     ``received_ns`` and ``closed_by`` are copied from the window (see Window):
     when and by which chunk it was closed, for latency. Not data: not in the
     JSON, not compared.
@@ -47,6 +55,7 @@ class Decision:
     missing_reason: dict[str, str]
     model: str
     coverage: dict[str, float] = field(default_factory=dict)
+    route: str | None = None
     received_ns: int | None = field(default=None, compare=False, repr=False)
     closed_by: tuple[str, str, int] | None = field(default=None, compare=False, repr=False)
 
@@ -61,6 +70,7 @@ class Decision:
             "used": list(self.used),
             "missing": list(self.missing),
             "fallback": self.fallback,
+            "route": self.route,
             "missing_reason": dict(self.missing_reason),
             "coverage": {k: round(float(v), 4) for k, v in self.coverage.items()},
             "model": self.model,

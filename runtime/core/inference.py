@@ -95,11 +95,19 @@ def resolve_providers(requested: str | Iterable[str], require: bool = False) -> 
     return chosen
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax, stable for any finite logits (max subtracted)."""
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Row-wise softmax of ``logits / temperature``, stable for any finite logits (max
+    subtracted). Temperature 1 gives exactly the plain softmax (no division made)."""
+    z = logits.astype(np.float64)
+    if temperature != 1.0:
+        z = z / temperature
+    z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# log(0) would be -inf; float32's smallest normal keeps log-probabilities finite.
+_LOG_FLOOR = float(np.finfo(np.float32).tiny)
 
 
 class OnnxModel:
@@ -192,16 +200,29 @@ class OnnxModel:
                 f"{self.path}: output {c.output!r} of one window has shape {raw.shape}; "
                 f"expected (1, {len(c.labels)}) (one score per label {list(c.labels)})")
 
-    def run(self, inputs: Mapping[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+    def run(self, inputs: Mapping[str, np.ndarray], mask: np.ndarray,
+            temperature: float = 1.0) -> np.ndarray:
         """Class probabilities float32 [batch, n_labels] for a batch of windows.
 
         inputs[modality]: float32 [batch, channels, samples] for every modality of the
         contract; mask: float32 [batch, n_modalities] (1 = present, contract order).
+        temperature: the logits are divided by it before the softmax (calibration);
+        at 1 a probabilities model's output is returned untouched.
         """
         raw = self._run_raw(inputs, mask)
+        if self.contract.output_kind == "probabilities" and temperature == 1.0:
+            return raw.astype(np.float32, copy=False)
+        return softmax(self._as_logits(raw), temperature)
+
+    def logits(self, inputs: Mapping[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
+        """Uncalibrated logits float32 [batch, n_labels] (a probabilities model's log
+        probabilities): what calibration is fitted on (models.calibration)."""
+        return self._as_logits(self._run_raw(inputs, mask))
+
+    def _as_logits(self, raw: np.ndarray) -> np.ndarray:
         if self.contract.output_kind == "logits":
-            return softmax(raw)
-        return raw.astype(np.float32, copy=False)
+            return raw
+        return np.log(np.maximum(raw, _LOG_FLOOR)).astype(np.float32)
 
     def _run_raw(self, inputs: Mapping[str, np.ndarray], mask: np.ndarray) -> np.ndarray:
         c = self.contract

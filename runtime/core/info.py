@@ -55,6 +55,7 @@ def describe_dict(model: OnnxModel) -> dict:
              "loaded": f.modalities in model.fallbacks}
             for f in c.fallbacks
         ],
+        "calibration": {route: cal.to_dict() for route, cal in c.calibration},
         "provider": model.provider,
         "session_providers": model.session.get_providers(),
         "providers_available": ort.get_available_providers(),
@@ -92,6 +93,17 @@ def describe(model: OnnxModel) -> str:
             lines.append(f"  {f['tag']:<24} {f['file']} ({state})")
     else:
         lines.append("fallbacks   none (missing modalities are masked)")
+    if d["calibration"]:
+        lines.append("calibration (per route: temperature, abstain threshold, validation coverage)")
+        for route, cal in d["calibration"].items():
+            thr = cal.get("threshold")
+            cov = cal.get("coverage")
+            lines.append(f"  {route:<24} T {cal.get('temperature', 1.0):.3f}  "
+                         f"threshold {'-' if thr is None else f'{thr:.3f}'}  "
+                         f"coverage {'-' if cov is None else f'{cov:.3f}'}  "
+                         f"target risk {cal.get('target_risk', '-')}")
+    else:
+        lines.append("calibration none (the model's own scores; no per-route thresholds)")
     lines.append(f"provider    {d['provider']} (available: {', '.join(d['providers_available'])};"
                  f" onnxruntime {d['onnxruntime']})")
     return "\n".join(lines)

@@ -31,11 +31,19 @@ class PipelineConfig:
     aligner: AlignerConfig = field(default_factory=AlignerConfig)
     max_batch: int = 64          # windows per ONNX Runtime call (across nodes)
     max_wait_s: float = 0.005    # a partial batch waits at most this long (live)
-    abstain_below: float = 0.0   # abstain when a modality is missing and confidence is lower
+    # Abstention (see fusion.py): None follows the thresholds in the model's contract;
+    # a probability overrides every route's threshold (0 = never abstain).
+    abstain_below: float | None = None
+    abstain_all: bool = False    # windows with every modality present may abstain too
+    calibration: bool = True     # False: ignore the contract's temperatures and thresholds
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_wait_s <= 10.0:
             raise ConfigError(f"max_wait_s = {self.max_wait_s!r} is out of range; allowed: 0..10 s")
+        if self.abstain_below is not None and not 0.0 <= self.abstain_below <= 1.0:
+            raise ConfigError(f"abstain_below = {self.abstain_below!r} is out of range; "
+                              "allowed: 0..1 (a probability), or leave it out to follow the "
+                              "model's calibrated thresholds")
 
 
 class Pipeline:
@@ -44,8 +52,7 @@ class Pipeline:
         self.config = config or PipelineConfig()
         self.model = model
         self.aligner = Aligner(model.contract, self.config.aligner)
-        self.fuser = Fuser(model, abstain_below=self.config.abstain_below,
-                           max_batch=self.config.max_batch)
+        self.fuser = self._fuser(model)
         self._clock = clock
         self._pending: list[Window] = []
         self._pending_since = 0.0
@@ -88,8 +95,12 @@ class Pipeline:
         over; seq needs no carrying: it is the window index, so it goes on where it
         was as long as the windows are cut alike, which the caller checks."""
         self.model = model
-        self.fuser = Fuser(model, abstain_below=self.config.abstain_below,
-                           max_batch=self.config.max_batch)
+        self.fuser = self._fuser(model)
+
+    def _fuser(self, model: OnnxModel) -> Fuser:
+        cfg = self.config
+        return Fuser(model, abstain_below=cfg.abstain_below, max_batch=cfg.max_batch,
+                     abstain_all=cfg.abstain_all, calibrate=cfg.calibration)
 
     def pending_windows(self) -> int:
         return len(self._pending)

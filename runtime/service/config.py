@@ -29,6 +29,7 @@ from edgefuse.runtime.core.pipeline import PipelineConfig
 from edgefuse.runtime.service.sinks import SinkSettings
 from edgefuse.sensors.live.base import CLOCK_OFFSET_ACTIONS
 from edgefuse.sensors.live.mqtt_source import MqttSourceSettings
+from edgefuse.sensors.live.topics import Partition
 from edgefuse.sensors.live.serial_source import SerialSettings
 
 if sys.version_info >= (3, 11):
@@ -135,6 +136,31 @@ class Config:
     def decision_mqtt(self) -> MqttSettings:
         return self.sink.mqtt.mqtt or self.mqtt
 
+    @property
+    def partition(self) -> Partition | None:
+        """This daemon's share of the nodes (``[source.mqtt] partition``), or None."""
+        return None if self.source.mqtt is None else self.source.mqtt.partition_of_daemon
+
+
+def _apply_partition(config: Config) -> Config:
+    """Daemon K of N connects with ``<client_id>-p<K>`` wherever a client_id is fixed:
+    N daemons started from one config must not share an MQTT client id (the broker
+    would knock one off for the other, in a loop) nor a persistent session."""
+    part = config.partition
+    if part is None:
+        return config
+
+    def own(m: MqttSettings | None) -> MqttSettings | None:
+        if m is None or not m.client_id:
+            return m
+        return dataclasses.replace(m, client_id=f"{m.client_id}-p{part.index}")
+
+    replace = dataclasses.replace
+    src, sink = config.source.mqtt, config.sink.mqtt
+    return replace(config, mqtt=own(config.mqtt),
+                   source=replace(config.source, mqtt=replace(src, mqtt=own(src.mqtt))),
+                   sink=replace(config.sink, mqtt=replace(sink, mqtt=own(sink.mqtt))))
+
 
 def _check_range(name: str, value: Any, lo: float, hi: float) -> None:
     if not lo <= value <= hi:
@@ -229,7 +255,8 @@ def from_dict(doc: dict, source: str = "config") -> Config:
 
     ``[source.mqtt]`` takes ``enabled = false`` to turn the MQTT source off, and
     connects with the top-level ``[mqtt]`` settings unless it has its own
-    ``[source.mqtt.mqtt]`` table (the decision sink likewise).
+    ``[source.mqtt.mqtt]`` table (the decision sink likewise). With
+    ``[source.mqtt] partition = "K/N"`` every fixed client_id gets ``-p<K>``.
     """
     try:
         doc = dict(doc)
@@ -244,10 +271,14 @@ def from_dict(doc: dict, source: str = "config") -> Config:
             if enabled:
                 table.setdefault("mqtt", doc.get("mqtt", {}))
                 src["mqtt"] = table
+            elif table.get("partition"):
+                raise ConfigError(f"[source.mqtt] partition = {table['partition']!r} needs the "
+                                  "MQTT source, which is disabled (enabled = false, or "
+                                  "--no-mqtt-source); enable it or drop the partition")
             else:
                 src["mqtt"] = None
             doc["source"] = src
-        config = _build(Config, doc, "")
+        config = _apply_partition(_build(Config, doc, ""))
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return config

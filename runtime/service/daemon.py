@@ -3,7 +3,8 @@
 The daemon feeds the same ``Pipeline`` replay feeds, the same way: push
 every chunk read, ``poll()`` so a partial batch waits at most max_wait_s,
 ``flush()`` at the end. Decisions therefore equal a replay of the recorded
-input (``daemon.record``) for the windows both emit.
+input (``daemon.record``, which keeps them too, beside the chunks) for the
+windows both emit.
 
 One thread runs the main loop; the transports (the MQTT receiver process or
 paho's thread, serial readers), the decision publisher and the metrics
@@ -82,6 +83,8 @@ class Daemon:
         self.config = config
         self.notifier = notifier or Notifier()
         self.metrics = DaemonMetrics()
+        if config.partition is not None:  # --partition K/N: edgefuse_partition_info
+            self.metrics.set_partition(config.partition.index, config.partition.count)
         self.metrics_port: int | None = None
         self.sources: list = []
         self.sinks: list[Sink] = []
@@ -292,6 +295,8 @@ class Daemon:
         return self.pipeline.push(chunk)
 
     def _emit(self, decisions: list[Decision]) -> None:
+        if self.recorder is not None:  # beside the chunks, on /<node>/decisions
+            self.recorder.write_decisions(decisions)
         for sink in self.sinks:
             try:
                 sink.write_many(decisions)

@@ -30,6 +30,11 @@ with a metric defined here is skipped. The names metrics.py used before the
 generic export (``edgefuse_stream_late_chunks``, ``edgefuse_aligner_events``,
 ``edgefuse_outbox_*`` ...) are kept.
 
+``edgefuse_partition_info{partition,partitions}`` is 1 for this daemon's
+partition K of N (0 of 1 for a daemon that takes every node); messages of a
+node that belongs to another partition are counted in
+``edgefuse_source_malformed_total{reason="wrong_partition"}``.
+
 Per stream, from the daemon's own bookkeeping (not the aligner's stats):
 
     edgefuse_stream_last_seen_age_seconds{node,modality}    seconds since the
@@ -320,11 +325,17 @@ class DaemonMetrics:
                            "connected (0 again while the main loop is stuck)", registry=r)
         self.model_info = Gauge("edgefuse_model_info", "the model in use", ["model"],
                                 registry=r)
+        self.partition_info = Gauge(
+            "edgefuse_partition_info", "this daemon's share of the nodes: partition K of N "
+            "([source.mqtt] partition, --partition K/N; 0 of 1: every node)",
+            ["partition", "partitions"], registry=r)
+        self.set_partition(0, 1)
         # The generic snapshot export must not reuse a name defined above.
         reserved = set()
         for metric in (self.latency, self.decisions, self.windows, self.missing,
                        self.missing_rate, self.sink_errors, self.reloads, self.loops,
-                       self.stalls, self.loop_idle, self.healthy, self.ready, self.model_info):
+                       self.stalls, self.loop_idle, self.healthy, self.ready, self.model_info,
+                       self.partition_info):
             reserved.update(m.name for m in metric.describe())
         self._snapshot = _SnapshotCollector(reserved)
         r.register(self._snapshot)
@@ -375,6 +386,10 @@ class DaemonMetrics:
     def set_model(self, ident: str) -> None:
         self.model_info.clear()
         self.model_info.labels(ident).set(1)
+
+    def set_partition(self, index: int, count: int) -> None:
+        self.partition_info.clear()
+        self.partition_info.labels(str(index), str(count)).set(1)
 
     def update(self, snapshot: dict) -> None:
         """Take the main loop's snapshot (see the module docstring). ``last_seen``:

@@ -12,11 +12,12 @@ the CLI prints the first and exits with code 3 on the second.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Sequence
+from typing import IO, TYPE_CHECKING, Iterable, Sequence
 
 from edgefuse.runtime.core.decision import Decision
 from edgefuse.runtime.core.errors import InputError, ModalityMismatchError, UnknownRateError
@@ -26,6 +27,9 @@ from edgefuse.runtime.core.pipeline import Pipeline, PipelineConfig
 from edgefuse.runtime.core.wire import t0_unit_hint
 from edgefuse.runtime.service.sinks import JsonlSink, Sink
 from edgefuse.sensors.live.accounting import did_you_mean
+
+if TYPE_CHECKING:
+    from edgefuse.sensors.readers.mcap_recorder import McapRecorder
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +212,8 @@ def check_streams(streams: Iterable, model: OnnxModel) -> None:
 def replay(inputs, model: OnnxModel, out: IO[str] | Sink,
            config: PipelineConfig | None = None, speed: float | None = None,
            progress: bool = False, faults: Sequence[Fault] = (),
-           inject_seed: int = 0) -> ReplaySummary:
+           inject_seed: int = 0, record: str | os.PathLike | None = None,
+           record_encoding: str = "protobuf") -> ReplaySummary:
     """Replay an InputSet (edgefuse.sensors.readers.inputs.open_inputs) into a sink.
 
     ``out``: a text stream gets JSON lines through a JsonlSink (the daemon's
@@ -219,21 +224,35 @@ def replay(inputs, model: OnnxModel, out: IO[str] | Sink,
     way into the pipeline, seeded with ``inject_seed``; a fault that matches no
     stream of the input is refused (FaultSpecError).
 
+    ``record``: an MCAP file (sensors.readers.mcap_recorder) that gets every chunk
+    as it enters the pipeline (after ``faults``, so replaying the file decides the
+    same) and every decision on /<node>/decisions; ``record_encoding`` picks the
+    chunks' encoding. The file is finished even when the replay fails.
+
     Raises after writing everything it could when an input was corrupt or a
     stream's rate stayed unknown; the caller reports that as a failed run.
     """
     warnings = _WarningCounter()
     edgefuse_log = logging.getLogger("edgefuse")
     edgefuse_log.addHandler(warnings)
+    recorder = None
     try:
-        summary = _replay(inputs, model, out, config, speed, progress, faults, inject_seed)
+        if record is not None:
+            from edgefuse.sensors.readers.mcap_recorder import McapRecorder  # mcap, protobuf
+            recorder = McapRecorder(record, encoding=record_encoding, metadata={
+                "recorded_by": "edgefuse replay", "model": model.contract.ident})
+        summary = _replay(inputs, model, out, config, speed, progress, faults, inject_seed,
+                          recorder)
     finally:
         edgefuse_log.removeHandler(warnings)
+        if recorder is not None:
+            recorder.close()
     summary.warnings = warnings.count
     return summary
 
 
-def _replay(inputs, model, out, config, speed, progress, faults, inject_seed) -> ReplaySummary:
+def _replay(inputs, model, out, config, speed, progress, faults, inject_seed,
+            recorder: McapRecorder | None = None) -> ReplaySummary:
     check_streams(inputs.streams, model)
     if faults:
         check_faults(faults, inputs.streams)
@@ -249,6 +268,8 @@ def _replay(inputs, model, out, config, speed, progress, faults, inject_seed) ->
         if not decisions:
             return
         sink.write_many(decisions)
+        if recorder is not None:
+            recorder.write_decisions(decisions)
         for d in decisions:
             fallbacks[d.fallback] += 1
             for m in d.missing:
@@ -279,6 +300,8 @@ def _replay(inputs, model, out, config, speed, progress, faults, inject_seed) ->
             key = f"{chunk.node}/{chunk.modality}"
             if key not in summary.first_t0 and len(summary.first_t0) < MAX_SUMMARY_STREAMS:
                 summary.first_t0[key] = chunk.t0_ns
+            if recorder is not None:
+                recorder.write(chunk)
             emit(pipeline.push(chunk))
             if speed:
                 emit(pipeline.poll())

@@ -2,7 +2,9 @@
 
 Every chunk of the input (an MCAP log, or anything ``open_inputs`` reads,
 cut into ``chunk_s``) is sent in the documented wire formats (README, "Wire formats"):
-over MQTT as a binary chunk on ``edgefuse/<node>/<modality>``, or over a
+over MQTT as a binary chunk on ``edgefuse/<node>/<modality>`` (with
+``partitions`` N, as devices of a partitioned fleet do:
+``edgefuse/p<k>/<node>/<modality>``, k = sensors.live.topics.partition_of), or over a
 serial line as binary frames (or JSON / CSV lines). Chunks go out in the
 order replay feeds them, each once the wall clock reaches the end of its
 data (a sensor sends a chunk once it is complete), at ``speed`` times real
@@ -49,15 +51,27 @@ class MqttPublisher(Publisher):
     """One MQTT connection; QoS 1 by default so a simulation loses nothing."""
 
     def __init__(self, settings: MqttSettings, *, topic_pattern: str = "edgefuse/{node}/{modality}",
-                 qos: int = 1, connect_timeout_s: float = 10.0, max_pending: int = 1000):
+                 qos: int = 1, connect_timeout_s: float = 10.0, max_pending: int = 1000,
+                 partitions: int | None = None):
         import paho.mqtt.client as mqtt
 
         from edgefuse.sensors.live import mqtt_client
-        from edgefuse.sensors.live.mqtt_source import TopicPattern
+        from edgefuse.sensors.live.topics import (DEFAULT_PATTERN, MAX_PARTITIONS,
+                                                  PARTITIONED_PATTERN, TopicPattern)
         if qos not in (0, 1):
             raise ConfigError(f"simulate qos must be 0 or 1, found {qos!r}")
+        if partitions is not None:
+            if not 1 <= partitions <= MAX_PARTITIONS:
+                raise ConfigError(f"partitions must be 1..{MAX_PARTITIONS}, found {partitions!r}")
+            if topic_pattern == DEFAULT_PATTERN:
+                topic_pattern = PARTITIONED_PATTERN
         self._mqtt = mqtt
         self.topics = TopicPattern(topic_pattern)
+        if self.topics.partitioned != (partitions is not None):
+            raise ConfigError(f"topic pattern {topic_pattern!r} and partitions = {partitions!r} "
+                              "disagree: a {partition} level needs the number of partitions "
+                              "(--partitions N), and partitions need that level")
+        self.partitions = partitions
         self.qos = qos
         self._pending: list = []
         self._max_pending = max_pending
@@ -78,8 +92,8 @@ class MqttPublisher(Publisher):
             time.sleep(0.01)
 
     def send(self, chunk: Chunk) -> None:
-        info = self.client.publish(self.topics.topic(chunk.node, chunk.modality),
-                                   payload_of(chunk), qos=self.qos)
+        topic = self.topics.topic(chunk.node, chunk.modality, self.partitions)
+        info = self.client.publish(topic, payload_of(chunk), qos=self.qos)
         if info.rc != self._mqtt.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish failed: {self._mqtt.error_string(info.rc)}")
         self._pending.append(info)

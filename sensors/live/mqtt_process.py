@@ -157,7 +157,8 @@ class MqttProcessSource(MqttSourceBase):
     # --- the child -------------------------------------------------------------
     def _spawn(self) -> None:
         mqtt = replace(self.settings.mqtt, client_id=self._client_id)  # stable across restarts
-        settings = {"mqtt": asdict(mqtt), "topic_pattern": self.settings.topic_pattern,
+        settings = {"mqtt": asdict(mqtt), "topic_pattern": self.settings.resolved_pattern,
+                    "partition": self.settings.partition,
                     "qos": self.settings.qos, "max_payload_bytes": self.settings.max_payload_bytes,
                     "filters": self.filters, "session_expiry_s": self.settings.session_expiry,
                     "allowed_modalities": None if self.allowed is None

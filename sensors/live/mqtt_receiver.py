@@ -57,7 +57,7 @@ from edgefuse.sensors.live import mqtt_client
 from edgefuse.sensors.live import mqtt_subscriber
 from edgefuse.sensors.live.accounting import Counters
 from edgefuse.sensors.live.mqtt_subscriber import Subscriber
-from edgefuse.sensors.live.topics import TopicPattern
+from edgefuse.sensors.live.topics import Partition, TopicPattern
 
 log = logging.getLogger("edgefuse.sensors.live.mqtt_receiver")
 
@@ -77,7 +77,8 @@ class Receiver:
         self.counters = Counters(COUNTERS)
         self.subscriber = Subscriber(
             mqtt_client.MqttSettings(**settings["mqtt"]),  # asdict() of a checked one
-            TopicPattern(settings["topic_pattern"]), qos=int(settings["qos"]),
+            TopicPattern(settings["topic_pattern"], _partition(settings.get("partition"))),
+            qos=int(settings["qos"]),
             max_payload=int(settings["max_payload_bytes"]),
             allowed=settings.get("allowed_modalities"), counters=self.counters,
             deliver=self._enqueue, on_state=self._on_state, filters=settings.get("filters"),
@@ -178,6 +179,10 @@ class Receiver:
                     return
             if final:
                 return
+
+
+def _partition(text: str | None) -> Partition | None:
+    return Partition.parse(text) if text else None
 
 
 def main() -> int:

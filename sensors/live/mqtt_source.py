@@ -10,6 +10,11 @@ modality outside that set is therefore not seen at all. The payload is a
 runtime.core.wire chunk, binary when it starts with the magic ``EFCK``, JSON
 otherwise.
 
+``partition = "K/N"``: this daemon is K of N that share the nodes; it
+subscribes to its partition of ``edgefuse/p{partition}/{node}/{modality}``
+only (the default pattern becomes that) and refuses a node that hashes to
+another partition (sensors.live.topics: the hash, the reason counted).
+
 ``persistent_session = true`` (with ``qos = 1`` and a fixed ``[mqtt]
 client_id``) asks the broker to keep the subscription and to queue the QoS 1
 chunks that arrive while the daemon is disconnected or restarting, for
@@ -39,7 +44,8 @@ from edgefuse.runtime.core import wire
 from edgefuse.runtime.core.errors import ConfigError
 from edgefuse.sensors.live.base import DEFAULT_QUEUE_MAX, ClockCheck, Source, decode_payload
 from edgefuse.sensors.live.mqtt_subscriber import Subscriber
-from edgefuse.sensors.live.topics import DEFAULT_PATTERN, TopicPattern
+from edgefuse.sensors.live.topics import (DEFAULT_PATTERN, PARTITIONED_PATTERN, Partition,
+                                          TopicPattern)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +70,9 @@ class MqttSourceSettings:
     # Broker-held session (see the module docstring): needs qos = 1 and [mqtt] client_id.
     persistent_session: bool = False
     session_expiry_s: int = 300   # MQTT 5: how long the broker keeps it after we leave
+    # "K/N": this daemon is K of N sharing the nodes (sensors.live.topics); the default
+    # topic pattern then becomes PARTITIONED_PATTERN. "" = every node.
+    partition: str = ""
 
     def __post_init__(self) -> None:
         if self.receiver not in RECEIVERS:
@@ -77,7 +86,7 @@ class MqttSourceSettings:
         if not 64 <= self.max_payload_bytes <= 64 << 20:
             raise ConfigError("max_payload_bytes must be 64 B..64 MiB, found "
                               f"{self.max_payload_bytes!r}")
-        TopicPattern(self.topic_pattern)  # validate early
+        self.topic_pattern_for()  # validate early (pattern and partition together)
         if not 1 <= self.session_expiry_s <= mqtt_client.MAX_SESSION_EXPIRY_S:
             raise ConfigError(f"session_expiry_s must be 1..{mqtt_client.MAX_SESSION_EXPIRY_S}, "
                               f"found {self.session_expiry_s!r}")
@@ -91,6 +100,21 @@ class MqttSourceSettings:
             raise ConfigError(
                 "persistent_session = true needs qos = 1: a broker queues only QoS 1 and 2 "
                 f"messages for a disconnected client; found qos = {self.qos!r}")
+
+    @property
+    def partition_of_daemon(self) -> Partition | None:
+        return Partition.parse(self.partition) if self.partition else None
+
+    @property
+    def resolved_pattern(self) -> str:
+        """The topic pattern in force: with a partition, the default one is partitioned."""
+        if self.partition and self.topic_pattern == DEFAULT_PATTERN:
+            return PARTITIONED_PATTERN
+        return self.topic_pattern
+
+    def topic_pattern_for(self) -> TopicPattern:
+        """The parser / filter builder of these settings (ConfigError when they clash)."""
+        return TopicPattern(self.resolved_pattern, self.partition_of_daemon)
 
     @property
     def session_expiry(self) -> int:
@@ -112,7 +136,7 @@ class MqttSourceBase(Source):
         self.settings = settings or MqttSourceSettings()
         s = self.settings
         super().__init__(f"mqtt:{s.mqtt.host}:{s.mqtt.port}", s.queue_max, clock_check)
-        self.topics = TopicPattern(s.topic_pattern)
+        self.topics = s.topic_pattern_for()
         self.allowed = None if s.allowed_modalities is None else frozenset(s.allowed_modalities)
         if self.allowed is not None:
             subscribe = self.allowed
@@ -122,8 +146,10 @@ class MqttSourceBase(Source):
         self._subscribed = threading.Event()
 
     def origin(self, node: str, modality: str) -> dict[str, str]:
-        """The topic a chunk came from, where the pattern determines it (no ``+`` level)."""
-        if "+" in self.topics.pattern.split("/"):
+        """The topic a chunk came from, where the pattern determines it (no ``+`` level,
+        and a partition known for a partitioned pattern)."""
+        topics = self.topics
+        if "+" in topics.pattern.split("/") or (topics.partitioned and not topics.partition):
             return {}
         return {"topic": self.topics.topic(node, modality)}
 

@@ -3,7 +3,8 @@
 ``Subscriber`` owns one paho client subscribed to the chunk topics: one
 filter per modality it is given (sensors.live.topics), so our own decisions are
 never delivered. Its callbacks run on paho's network thread, so they only
-count and check, in this order: topic, reserved modality (``decisions``:
+count and check, in this order: topic (its partition included, counted as
+``wrong_partition``), reserved modality (``decisions``:
 counted in ``ignored``; reached only with the catch-all filter), size
 (before any parsing), allowed modality. A payload that passes goes to
 ``deliver(node, modality, payload, received_ns)``: the in-process source
@@ -159,6 +160,8 @@ class Subscriber:
             check_modality(modality, self.allowed)
             self._deliver(node, modality, payload, received_ns)
         except RejectedMessage as exc:
+            # a node of another partition is named, though parse() refused it
+            node, modality = getattr(exc, "node", node), getattr(exc, "modality", modality)
             count_rejection(self.counters, exc, topic=topic, node=node, modality=modality)
         except UnicodeDecodeError:  # topic that is not UTF-8
             count_rejection(self.counters, RejectedMessage(BAD_TOPIC, "topic is not valid "

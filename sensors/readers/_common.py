@@ -123,6 +123,21 @@ def samples_per_chunk(chunk_s: float, rate_hz: float) -> int:
     return max(1, int(round(chunk_s * rate_hz)))
 
 
+def seq_step_over(prev: Chunk, next_t0_ns: int) -> int:
+    """How far seq must advance from `prev` to a chunk starting at `next_t0_ns` in
+    another file (or after a CSV gap) of the same stream, so that the aligner's clock
+    reads the time between them as lost data (a gap), not a clock step: it checks a
+    jump against (missing seqs) x (prev's duration). 1 when the data is contiguous,
+    overlaps, or prev has no rate to size the hole with."""
+    if prev.rate_hz is None or prev.n == 0:
+        return 1
+    period = prev.n * 1e9 / prev.rate_hz
+    gap = next_t0_ns - (prev.t0_ns + period)
+    if gap <= 0:
+        return 1
+    return 1 + int(round(gap / period))
+
+
 def chunk_frames(node: str, modality: str, read: Callable[[int, int], np.ndarray], frames: int,
                  t0_ns: int, rate_hz: float, chunk_s: float, *, full_scale: float | None,
                  rate_is_nominal: bool = False, seq0: int = 0) -> Iterator[Chunk]:

@@ -9,7 +9,8 @@ since 1970) or `time` (ISO-8601 UTC). Times are parsed from the text exactly
 has only ~0.2 us resolution).
 
 Timestamps may be irregular. The file is cut into *runs* at gaps (a step of
-more than GAP_FACTOR median periods); each run's rate is estimated from its
+more than GAP_FACTOR typical periods and more than one period plus twice the
+unit's resolution, so whole-millisecond stamps don't cut runs); each run's rate is estimated from its
 first and last timestamps (or is the manifest's rate_hz), and its chunks are
 timed from the run's first timestamp and that rate. Time that goes backwards,
 or values outside 2000..2100 for the declared unit, are refused with the file
@@ -33,12 +34,15 @@ import numpy as np
 
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import InputError
-from edgefuse.sensors.readers._common import NS_PER_S, offset_ns, samples_per_chunk, utc_to_ns
+from edgefuse.sensors.readers._common import (
+    NS_PER_S, offset_ns, samples_per_chunk, seq_step_over, utc_to_ns,
+)
 
 # unit header -> ns per unit (None: ISO-8601 text)
 TIME_UNITS: dict[str, int | None] = {"t_ns": 1, "t_us": 1_000, "t_ms": 1_000_000,
                                      "t_s": NS_PER_S, "time": None}
 GAP_FACTOR = 1.5
+_INTEGER_RESOLUTION_NS = {"t_ns": 1, "t_us": 1_000, "t_ms": 1_000_000}
 MAX_ROWS = 20_000_000  # ~160 MB of timestamps while scanning; 55 h at 100 Hz
 _PLAUSIBLE_NS = (calendar.timegm((2000, 1, 1, 0, 0, 0)) * NS_PER_S,
                  calendar.timegm((2100, 1, 1, 0, 0, 0)) * NS_PER_S)
@@ -141,6 +145,32 @@ def read_header(path: str) -> tuple[str, int]:
     return unit, len(header) - 1
 
 
+def _typical_period(t: np.ndarray, span: int = 16) -> float | None:
+    """The stream's usual time per row, ns: the median over sliding runs of `span`
+    rows, so repeated or coarsely rounded stamps and rare gaps don't bias it; None
+    when no two rows have different times."""
+    if t.size < 2:
+        return None
+    w = min(span, t.size - 1)
+    per_row = (t[w:] - t[:-w]) / w
+    per_row = per_row[per_row > 0]
+    return float(np.median(per_row)) if per_row.size else None
+
+
+def _gap_rows(t: np.ndarray, period: float, allowance: float, recent: int = 16) -> np.ndarray:
+    """Rows after which time jumps ahead of the stream's own clock by more than
+    `allowance`: the stamp's lead over an ideal clock (t - k*period) against the
+    largest lead of the `recent` rows before it. A burst of repeated stamps
+    followed by a catch-up step returns to a recent lead and is no gap."""
+    if t.size < 2:
+        return np.zeros(0, np.int64)
+    lead = (t - t[0]).astype(np.float64) - period * np.arange(t.size)
+    recent_max = lead[:-1].copy()
+    for shift in range(1, min(recent, t.size - 1)):
+        np.maximum(recent_max[shift:], lead[:-1 - shift], out=recent_max[shift:])
+    return np.flatnonzero(lead[1:] - recent_max > allowance)
+
+
 def scan(path: str | os.PathLike, rate_hz: float | None = None) -> CsvLayout:
     """Read the timestamps, check them, cut them into runs (no values kept)."""
     path = os.fspath(path)
@@ -162,14 +192,19 @@ def scan(path: str | os.PathLike, rate_hz: float | None = None) -> CsvLayout:
         prev, prev_line = t, line
         stamps.append(t)
     t = np.frombuffer(stamps, dtype=np.int64) if stamps else np.zeros(0, np.int64)
-    steps = np.diff(t)
-    positive = steps[steps > 0]
-    if rate_hz is None and positive.size == 0:
+    period = _typical_period(t)
+    if rate_hz is None and period is None:
         raise _fail(path, None, f"{t.size} row(s) without two distinct times: the rate cannot "
                                 "be estimated; give rate_hz in the manifest")
-    median = float(np.median(positive)) if positive.size else NS_PER_S / rate_hz
-    typical = rate_hz if rate_hz is not None else NS_PER_S / median
-    cuts = [0, *(np.flatnonzero(steps > GAP_FACTOR * median) + 1).tolist(), t.size]
+    if period is None:
+        period = NS_PER_S / rate_hz
+    typical = rate_hz if rate_hz is not None else NS_PER_S / period
+    # A gap is a step well beyond the typical period, and beyond what the stamps'
+    # resolution can add: loggers stamping whole ms at 100 Hz write 9, 10 or 11 ms
+    # steps (and repeats) that are one steady clock, not 30 runs at odd rates.
+    resolution = _INTEGER_RESOLUTION_NS.get(unit, 0)   # t_s and ISO text: decimals
+    gap_ns = max(GAP_FACTOR * period, period + 2 * resolution)
+    cuts = [0, *(_gap_rows(t, period, gap_ns - period) + 1).tolist(), t.size]
     runs = []
     for a, b in zip(cuts, cuts[1:]):
         if b <= a:
@@ -193,7 +228,10 @@ def iter_chunks(layout: CsvLayout, node: str, modality: str, chunk_s: float,
     """Chunks of ~chunk_s seconds, never across a run boundary; values streamed."""
     rows = _rows(layout.path)
     seq = 0
+    prev: Chunk | None = None
     for run in layout.runs:
+        if prev is not None:   # a hole in seq: the time between runs is lost data
+            seq += seq_step_over(prev, run.t0_ns) - 1
         step = samples_per_chunk(chunk_s, run.rate_hz)
         for start in range(0, run.rows, step):
             n = min(step, run.rows - start)
@@ -206,6 +244,7 @@ def iter_chunks(layout: CsvLayout, node: str, modality: str, chunk_s: float,
                                 "which its first reading found; was it changed meanwhile?")
                 line, row = item
                 block[k] = _parse_values(layout.path, line, row)
-            yield Chunk(node, modality, run.t0_ns + offset_ns(start, run.rate_hz), run.rate_hz,
-                        block, seq, full_scale=full_scale)
+            prev = Chunk(node, modality, run.t0_ns + offset_ns(start, run.rate_hz),
+                         run.rate_hz, block, seq, full_scale=full_scale)
+            yield prev
             seq += 1

@@ -21,7 +21,9 @@ from typing import Iterator
 from edgefuse.runtime.core.chunk import Chunk
 from edgefuse.runtime.core.errors import InputError
 from edgefuse.sensors.readers import goodvibes, goodvibes_noise, manifest, sphar
-from edgefuse.sensors.readers._common import OfflineSource, StreamInfo, chunk_order, merge_chunks
+from edgefuse.sensors.readers._common import (
+    OfflineSource, StreamInfo, chunk_order, merge_chunks, seq_step_over,
+)
 from edgefuse.sensors.readers.mcaplog import McapLog, McapRecorder
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ __all__ = ["InputSet", "OfflineSource", "StreamInfo", "chunk_order", "merge_chun
 
 SUPPORTED_KINDS = (
     "a recording manifest (recording.toml or any *.toml: one [[stream]] per WAV/CSV file) "
-    "or a folder holding recording.toml",
+    "or a folder holding recording.toml, or a folder of node folders that each hold one",
     "an edgefuse MCAP log (*.mcap) or a folder of them",
     "a goodvibes pass folder (holding meta.json), or one WAV in it",
     "a folder of goodvibes pass folders (searched recursively, e.g. passes/close)",
@@ -104,6 +106,11 @@ def _dir_sources(path: str, chunk_s: float) -> list[OfflineSource]:
     passes = goodvibes.find_passes(path)
     if passes:
         return [s for p in passes for s in goodvibes.pass_sources(p, chunk_s)]
+    # a folder of node folders, each with its own manifest (one level down only)
+    manifests = [os.path.join(path, n, manifest.MANIFEST_NAME) for n in names
+                 if os.path.isfile(os.path.join(path, n, manifest.MANIFEST_NAME))]
+    if manifests:
+        return [s for m in manifests for s in manifest.manifest_sources(m, chunk_s)]
     raise _unknown(path, "a folder holding none of them")
 
 
@@ -158,25 +165,38 @@ class InputSet:
         for src in self.sources:
             for s in src.streams:
                 counts[(s.node, s.modality)] = counts.get((s.node, s.modality), 0) + 1
-        # A stream fed by several inputs gets fresh sequence numbers in merged
-        # order; each input counts from 0 and the aligner would see resets.
+        # A stream fed by several inputs gets one sequence in merged order: each
+        # input counts from 0 and the aligner would see resets. Within an input
+        # its own seq steps are kept (its holes are its lost data); from one input
+        # to the next seq skips as many chunks as the time between them holds, so
+        # the silence between two files is a gap, not a clock step.
         renumber = {k for k, n in counts.items() if n > 1}
-        next_seq: dict[tuple[str, str], int] = {}
-        for chunk in self._merge():
+        last: dict[tuple[str, str], tuple[int, Chunk, Chunk]] = {}  # source, read, renumbered
+        for source, chunk in self._merge():
             key = chunk.stream
             if key in renumber:
-                seq = next_seq.get(key, 0)
-                next_seq[key] = seq + 1
-                chunk = Chunk(chunk.node, chunk.modality, chunk.t0_ns, chunk.rate_hz,
-                              chunk.samples, seq, chunk.full_scale, chunk.rate_is_nominal)
+                prev = last.get(key)
+                if prev is None:
+                    seq = 0
+                elif prev[0] == source and chunk.seq > prev[1].seq:
+                    seq = prev[2].seq + (chunk.seq - prev[1].seq)
+                elif prev[0] == source:
+                    seq = prev[2].seq + 1
+                else:
+                    seq = prev[2].seq + seq_step_over(prev[2], chunk.t0_ns)
+                renumbered = Chunk(chunk.node, chunk.modality, chunk.t0_ns, chunk.rate_hz,
+                                   chunk.samples, seq, chunk.full_scale,
+                                   chunk.rate_is_nominal)
+                last[key] = (source, chunk, renumbered)
+                chunk = renumbered
             yield chunk
         if self.errors:
             if len(self.errors) > 1:
                 log.error("%d inputs failed; raising the first", len(self.errors))
             raise self.errors[0]
 
-    def _merge(self) -> Iterator[Chunk]:
-        """merge_chunks' order (chunk_order, ties by source) but opening a source only
+    def _merge(self) -> Iterator[tuple[int, Chunk]]:
+        """(source index, chunk) in merge_chunks' order (chunk_order, ties by source) but opening a source only
         when the output reaches its start time, so a folder of many files holds few
         of them open at once."""
         never = -(1 << 63)
@@ -207,7 +227,7 @@ class InputSet:
                 advance(i, it)
             if active:
                 key, chunk, it = heapq.heappop(active)
-                yield chunk
+                yield key[-1], chunk
                 advance(key[-1], it)
 
 
@@ -238,7 +258,7 @@ def open_inputs(paths: list[str | os.PathLike] | str | os.PathLike,
 
 def record(paths: list[str | os.PathLike] | str | os.PathLike, out_path: str | os.PathLike,
            chunk_s: float = 1.0, *, compression: str = "auto",
-           metadata: dict[str, str] | None = None) -> dict:
+           metadata: dict[str, str] | None = None, encoding: str = "protobuf") -> dict:
     """Convert any readable input into an edgefuse MCAP log.
 
     Written to `<out>.partial` and renamed when complete; if an input fails
@@ -252,7 +272,8 @@ def record(paths: list[str | os.PathLike] | str | os.PathLike, out_path: str | o
                               ([paths] if isinstance(paths, (str, os.PathLike)) else paths))}
     md.update(metadata or {})
     chunks = 0
-    with McapRecorder(partial, compression=compression, metadata=md) as rec:
+    with McapRecorder(partial, compression=compression, metadata=md,
+                      encoding=encoding) as rec:
         try:
             for chunk in inputs.chunks():
                 chunks += rec.write(chunk)
@@ -263,4 +284,5 @@ def record(paths: list[str | os.PathLike] | str | os.PathLike, out_path: str | o
     per_stream = {k: v for k, v in rec.counts.items() if k != "rejected"}
     return {"chunks": chunks, "samples": rec.samples, "streams": len(per_stream),
             "rejected": rec.counts["rejected"], "bytes": os.path.getsize(out_path),
-            "compression": rec.compression.name.lower(), "per_stream": per_stream}
+            "compression": rec.compression.name.lower(), "encoding": encoding,
+            "per_stream": per_stream}
