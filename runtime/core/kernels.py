@@ -17,9 +17,37 @@ module globals as compile-time constants.
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 from numba import njit
+
+
+def _import_numba_arraymath_without_scipy() -> None:
+    """Import numba's array-math registry with scipy's BLAS hidden.
+
+    Numba installs its lowering registries on the first call of any kernel, even
+    one loaded from the cache, and numba.np.arraymath then imports scipy.linalg
+    only to learn whether np.correlate/np.convolve may call BLAS (its only use of
+    that flag; they fall back to a plain loop). scipy.linalg with its array-API
+    layer and numpy.f2py is ~75 ms of every start, a tenth of the start-up of
+    ``edgefuse replay``, for functions no kernel here uses. So the module is
+    imported once, here, with ``scipy.linalg.cython_blas`` made unimportable for
+    the duration; np.dot/np.linalg in other jitted code still find it later
+    (numba imports it again when they compile). Nothing is hidden when
+    scipy.linalg is already loaded (the flag then costs nothing).
+    """
+    if "scipy.linalg" in sys.modules or "numba.np.arraymath" in sys.modules:
+        return
+    sys.modules["scipy.linalg.cython_blas"] = None  # type: ignore[assignment]  # -> ImportError
+    try:
+        import numba.np.arraymath  # noqa: F401
+    finally:
+        if sys.modules.get("scipy.linalg.cython_blas", 0) is None:
+            del sys.modules["scipy.linalg.cython_blas"]
+
+
+_import_numba_arraymath_without_scipy()
 
 STATUS_GAP = 0        # no data
 STATUS_VALID = 1

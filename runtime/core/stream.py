@@ -165,6 +165,8 @@ class StreamState:
         if lo >= hi:
             return None
         a = lo % self.cap
+        if self.status[a] == kernels.STATUS_VALID:   # the usual case: data right there
+            return lo
         first = self.status[a:a + (hi - lo)]
         hits = np.flatnonzero(first == kernels.STATUS_VALID)
         if hits.size:

@@ -8,6 +8,7 @@ a float number of seconds since 1970 has only ~0.2 us resolution.
 from __future__ import annotations
 
 import calendar
+import functools
 import heapq
 import re
 from dataclasses import dataclass
@@ -114,7 +115,21 @@ def offset_ns(index: int, rate_hz: float) -> int:
     Each chunk's t0 is computed from the stream's t0 and the sample index, so
     no error accumulates over a 5-minute file.
     """
-    return round(Fraction(index * NS_PER_S) / Fraction(repr(float(rate_hz))))
+    num, den = _rate_ratio(rate_hz)
+    if num <= 0:  # not a rate; what Fraction does with it (ZeroDivisionError for 0)
+        return round(Fraction(index * NS_PER_S) / Fraction(num, den))
+    # round(Fraction(index * NS_PER_S * den, num)) in integers: half to even, as round()
+    q, r = divmod(index * NS_PER_S * den, num)
+    twice = 2 * r
+    return q + 1 if twice > num or (twice == num and q & 1) else q
+
+
+@functools.lru_cache(maxsize=256)
+def _rate_ratio(rate_hz: float) -> tuple[int, int]:
+    """The rate as the decimal it prints as, numerator and denominator (cached:
+    offset_ns runs once per chunk, and a Fraction per call was a third of reading)."""
+    f = Fraction(repr(float(rate_hz)))
+    return f.numerator, f.denominator
 
 
 def samples_per_chunk(chunk_s: float, rate_hz: float) -> int:

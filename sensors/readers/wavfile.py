@@ -132,13 +132,16 @@ class WavReader:
 
     def __init__(self, path: str | os.PathLike, *, quiet: bool = False):
         self.info = read_wav_info(path, quiet=quiet)
-        self._map: np.memmap | None = None
+        self._map: np.ndarray | None = None
         self._closed = False
         if self.info.frames:
             try:
+                # a plain ndarray view of the map: slicing a np.memmap runs Python
+                # (__array_finalize__) on every read, per chunk
                 self._map = np.memmap(self.info.path, dtype=self.info.dtype, mode="r",
                                       offset=self.info.data_offset,
-                                      shape=(self.info.frames, self.info.channels))
+                                      shape=(self.info.frames, self.info.channels)
+                                      ).view(np.ndarray)
             except (OSError, ValueError) as exc:
                 raise InputError(f"{self.info.path}: cannot map the samples: {exc}",
                                  path=self.info.path) from exc
