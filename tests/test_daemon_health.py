@@ -254,7 +254,7 @@ def test_a_blocked_main_loop_turns_unhealthy_stops_the_watchdog_and_recovers(tmp
         assert daemon.value("edgefuse_loop_stalls_total") == 1
         assert daemon.value("edgefuse_loop_idle_seconds") >= 3.0
         log = daemon.log()
-        assert "main loop stuck" in log and "(sinks.py:" in log, log[-3000:]
+        assert "main loop stuck" in log and "(jsonl_sink.py:" in log, log[-3000:]
         # only the loop pings: none while it is stuck (systemd would restart it)
         pings = daemon.notify.count("WATCHDOG=1")
         time.sleep(4.0)  # more than two ping periods (1.5 s)

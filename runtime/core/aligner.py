@@ -148,8 +148,14 @@ class _Node:
         self.seen_at: int | None = None  # the frontier when it last pushed
 
     def progress_ns(self) -> int:
-        return max((s.end_ns for s in self.streams.values() if s.end_ns is not None),
-                   default=NO_PROGRESS)
+        """The newest data end of any stream; NO_PROGRESS before any data."""
+        # A plain loop: called several times per chunk, where max() over a
+        # generator costs more than the comparison of two or three streams.
+        best = NO_PROGRESS
+        for s in self.streams.values():
+            if s.end_ns is not None and s.end_ns > best:
+                best = s.end_ns
+        return best
 
 
 NO_PROGRESS = -(1 << 62)
@@ -583,12 +589,14 @@ class Aligner:
             # data in the ring: past written_g it is stale, before it overwritten (or,
             # before the anchor, never written: a window of a node before the stream
             # started must not read the ring modulo its size).
-            gone = min(n, max(0, max(0, s.written_g - s.cap) - g_lo))
-            n_avail = max(gone, min(n, s.written_g - g_lo))
-            if gone == 0 and n_avail == n:
+            if max(0, s.written_g - s.cap) <= g_lo and g_lo + n <= s.written_g:
+                # The usual case, tested first (it is most windows): all of the
+                # window is in the ring.
                 out = np.empty((spec.channels, n), np.float32)
                 kernels._window_stats(s.ring, s.status, g_lo, n, s.full_scale, out, stats)
             else:
+                gone = min(n, max(0, max(0, s.written_g - s.cap) - g_lo))
+                n_avail = max(gone, min(n, s.written_g - g_lo))
                 out = np.zeros((spec.channels, n), np.float32)
                 if n_avail > gone:
                     part = np.empty((spec.channels, n_avail - gone), np.float32)
@@ -615,6 +623,7 @@ class Aligner:
         self._counters["windows"] += 1
         self._out.append(Window(node.name, k, start, start + c.window_ns, data, present,
                                 reasons, coverage))
+        return True
 
     def _reason(self, coverage: float, stats: np.ndarray) -> str | None:
         cfg = self.config

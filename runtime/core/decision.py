@@ -15,6 +15,10 @@ FALLBACK_NONE = "none"
 FALLBACK_MASKED = "masked"
 FALLBACK_ABSTAIN = "abstain"
 
+# What json.dumps(obj, separators=(",", ":"), allow_nan=False) builds on every call,
+# built once: the same bytes, without a new encoder per decision.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -77,4 +81,4 @@ class Decision:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), allow_nan=False)
+        return _ENCODER.encode(self.to_dict())

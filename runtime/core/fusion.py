@@ -74,6 +74,10 @@ class Fuser:
                               f"found {max_batch!r}")
         self.model = model
         self.contract = model.contract
+        # Read once per decision: the contract is frozen, so computed once here
+        # (each property builds a new tuple / string, 7,000 times an hour of data).
+        self._names = self.contract.modality_names
+        self._ident = self.contract.ident
         self.abstain_below = None if abstain_below is None else float(abstain_below)
         self.abstain_all = bool(abstain_all)
         self.calibrate = bool(calibrate)
@@ -124,7 +128,7 @@ class Fuser:
         return out
 
     def _presents(self, windows: Sequence[Window]) -> list[tuple[str, ...]]:
-        names = self.contract.modality_names
+        names = self._names
         return [tuple(m for m in names if w.present.get(m, False)) for w in windows]
 
     def _batches_of(self, windows: Sequence[Window], presents: list[tuple[str, ...]]
@@ -189,14 +193,16 @@ class Fuser:
     def _decision(self, w: Window, present: tuple[str, ...], probs: np.ndarray | None,
                   r: Route | None) -> Decision:
         labels = self.contract.labels
-        missing = tuple(m for m in self.contract.modality_names if m not in present)
+        missing = tuple(m for m in self._names if m not in present)
         if probs is None or r is None:
             label, scores, fallback = None, {lab: 0.0 for lab in labels}, FALLBACK_ABSTAIN
         else:
-            scores = {lab: float(p) for lab, p in zip(labels, probs)}
-            top = int(np.argmax(probs))
+            # tolist(): the same Python floats as float() of each item, in one call.
+            values = probs.tolist()
+            scores = dict(zip(labels, values))
+            top = int(probs.argmax())  # the method: np.argmax's dispatch costs 5x more
             label, fallback = labels[top], r.fallback
-            if r.threshold is not None and float(probs[top]) < r.threshold:
+            if r.threshold is not None and values[top] < r.threshold:
                 label, fallback = None, FALLBACK_ABSTAIN
                 self._abstained[r.name] += 1
         self._routes[fallback] += 1
@@ -205,6 +211,6 @@ class Fuser:
             window_end_ns=int(w.end_ns),
             label=label, scores=scores, used=present, missing=missing, fallback=fallback,
             missing_reason={m: w.missing_reason.get(m, UNKNOWN_REASON) for m in missing},
-            model=self.contract.ident, coverage=dict(w.coverage),
+            model=self._ident, coverage=dict(w.coverage),
             received_ns=w.received_ns, closed_by=w.closed_by,
             route=None if r is None else r.name)

@@ -25,7 +25,9 @@ from edgefuse.runtime.core.faults import Fault, FaultSpecError, Injector
 from edgefuse.runtime.core.inference import OnnxModel
 from edgefuse.runtime.core.pipeline import Pipeline, PipelineConfig
 from edgefuse.runtime.core.wire import t0_unit_hint
-from edgefuse.runtime.service.sinks import JsonlSink, Sink
+# Not runtime.service.sinks: that imports the MQTT sink, which replay never uses.
+from edgefuse.runtime.service.jsonl_sink import JsonlSink
+from edgefuse.runtime.service.sink_base import Sink
 from edgefuse.sensors.live.accounting import did_you_mean
 
 if TYPE_CHECKING:
