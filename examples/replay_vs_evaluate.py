@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from edgefuse.models.dataset import load_or_build
-from edgefuse.models.evaluate import _windows
+from edgefuse.models.route_calibration import windows as _windows
 from edgefuse.runtime.core.fusion import Fuser
 from edgefuse.runtime.core.inference import OnnxModel
 

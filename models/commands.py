@@ -105,7 +105,7 @@ def _risk_args(args) -> dict:
 
 
 def cmd_evaluate(args) -> int:
-    from edgefuse.models.evaluate import evaluate_on_data
+    from edgefuse.models.evaluate import evaluation_on_data
     from edgefuse.models.evaluate_text import (format_confusion, format_risk_coverage,
                                                format_table)
     if not os.path.isfile(args.model):
@@ -115,16 +115,17 @@ def cmd_evaluate(args) -> int:
         from edgefuse.models.report import check_plotting
         check_plotting()   # before the evaluation, not after it
     if args.recordings:
-        from edgefuse.models.evaluate_recordings import evaluate_on_recordings
+        from edgefuse.models.evaluate_recordings import evaluation_on_recordings
         if args.data:
             raise ConfigError("give DATA (a data pack) or --recordings, not both")
         if not args.labels:
             raise ConfigError("--recordings needs --labels FILE (the intervals CSV "
                               "node,start,end,label)")
-        result = evaluate_on_recordings(args.model, args.recordings, args.labels, args.group,
-                                        args.test, _rule_overrides(args), seed=args.seed,
-                                        use_fallbacks=not args.no_fallbacks,
-                                        chunk_s=args.chunk_s, **_risk_args(args))
+        evaluation = evaluation_on_recordings(
+            args.model, args.recordings, args.labels, args.group, args.test,
+            _rule_overrides(args), seed=args.seed, use_fallbacks=not args.no_fallbacks,
+            chunk_s=args.chunk_s, **_risk_args(args))
+        source = {"recordings": ", ".join(args.recordings), "labels": args.labels}
     else:
         if args.labels or args.group:
             raise ConfigError("--labels and --group go with --recordings PATH...")
@@ -137,9 +138,11 @@ def cmd_evaluate(args) -> int:
             raise InputError(f"DATA {data!r} is not a folder; pass the data pack root",
                              path=data)
         keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
-        result = evaluate_on_data(args.model, data, task=args.task, split=args.split,
-                                  seed=args.seed, use_fallbacks=not args.no_fallbacks,
-                                  keys=keys or args.test, **_risk_args(args))
+        evaluation = evaluation_on_data(args.model, data, task=args.task, split=args.split,
+                                        seed=args.seed, use_fallbacks=not args.no_fallbacks,
+                                        keys=keys or args.test, **_risk_args(args))
+        source = {"data pack": data}
+    result = evaluation.result
     if args.json:
         print(json.dumps(result, sort_keys=True))
     else:
@@ -149,9 +152,7 @@ def cmd_evaluate(args) -> int:
         print(format_confusion(result))
     if args.report:
         from edgefuse.models.report import write_report
-        path = write_report(args.report, result, args.model,
-                            data=None if args.recordings else data,
-                            recordings=args.recordings, labels=args.labels)
+        path = write_report(args.report, evaluation, args.model, source)
         print(f"report {path}", file=sys.stderr)
     return 0
 

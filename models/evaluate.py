@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -35,7 +36,6 @@ import numpy as np
 from edgefuse.models.calibration import TARGET_RISK
 from edgefuse.models.dataset import WindowSet
 from edgefuse.models.route_calibration import condition_calibration, decide
-from edgefuse.models.route_calibration import windows as _windows  # noqa: F401 (examples/)
 from edgefuse.runtime.core.fusion import Fuser
 from edgefuse.runtime.core.inference import OnnxModel
 
@@ -211,10 +211,29 @@ def select_windows(ws: WindowSet, column: str, keys: Sequence[str] | None) -> np
     return np.flatnonzero(usable & np.isin(col, list(keys)))
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """An evaluate result with the windows it scored (ws rows idx), so that a report
+    draws from the same windows without cutting or loading them again."""
+
+    result: dict
+    ws: WindowSet
+    idx: np.ndarray
+
+
 def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
                      split: str = "test", seed: int = 0, use_fallbacks: bool = True,
                      keys: Sequence[str] | None = None, target_risk: float = TARGET_RISK,
                      abstain_all: bool = False) -> dict:
+    """evaluation_on_data's result dict."""
+    return evaluation_on_data(model_path, data_dir, task, split, seed, use_fallbacks, keys,
+                              target_risk, abstain_all).result
+
+
+def evaluation_on_data(model_path: str, data_dir: str, task: str | None = None,
+                       split: str = "test", seed: int = 0, use_fallbacks: bool = True,
+                       keys: Sequence[str] | None = None, target_risk: float = TARGET_RISK,
+                       abstain_all: bool = False) -> Evaluation:
     """Evaluate a model file on the labelled windows of a data folder.
 
     split "test": the held-out keys the model's ``edgefuse.eval`` metadata names (the
@@ -260,7 +279,7 @@ def evaluate_on_data(model_path: str, data_dir: str, task: str | None = None,
                       complete_only=True, target_risk=target_risk, abstain_all=abstain_all)
     result.update({"task": task, "n_windows": result["windows"], "split": split,
                    "split_column": column, "split_keys": list(keys) if keys else "all"})
-    return result
+    return Evaluation(result, ws, idx)
 
 
 def calibration_windows(model_path: str | os.PathLike, data_dir: str, n: int = 256,

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from edgefuse.models.calibration import TARGET_RISK
-from edgefuse.models.evaluate import eval_metadata, evaluate, infer_task
+from edgefuse.models.evaluate import Evaluation, eval_metadata, evaluate, infer_task
 from edgefuse.models.intervals import IntervalRule
 from edgefuse.models.recordings import RecordingSet, load_or_build_recordings
 from edgefuse.runtime.core.errors import ConfigError, InputError, ModalityMismatchError
@@ -40,6 +40,18 @@ def evaluate_on_recordings(model_path: str, recordings: Sequence[str], labels: s
                            rule_overrides: dict | None = None, seed: int = 0,
                            use_fallbacks: bool = True, chunk_s: float | None = None,
                            target_risk: float = TARGET_RISK, abstain_all: bool = False) -> dict:
+    """evaluation_on_recordings' result dict."""
+    return evaluation_on_recordings(model_path, recordings, labels, group, test,
+                                    rule_overrides, seed, use_fallbacks, chunk_s, target_risk,
+                                    abstain_all).result
+
+
+def evaluation_on_recordings(model_path: str, recordings: Sequence[str], labels: str,
+                             group: str | None = None, test: Sequence[str] | None = None,
+                             rule_overrides: dict | None = None, seed: int = 0,
+                             use_fallbacks: bool = True, chunk_s: float | None = None,
+                             target_risk: float = TARGET_RISK,
+                             abstain_all: bool = False) -> Evaluation:
     model = OnnxModel.load(model_path)
     meta = eval_metadata(model)
     rule = label_rule(meta, rule_overrides)
@@ -73,4 +85,4 @@ def evaluate_on_recordings(model_path: str, recordings: Sequence[str], labels: s
                    "split_keys": list(test) if test else "all",
                    "label_rule": rule.to_dict(), "chunk_s": chunk_s,
                    "label_report": ws.info})
-    return result
+    return Evaluation(result, ws, idx)

@@ -22,9 +22,12 @@ from __future__ import annotations
 import html
 import json
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from edgefuse.runtime.core.errors import EdgefuseError
+
+if TYPE_CHECKING:
+    from edgefuse.models.evaluate import Evaluation
 
 REPORT_FILE = "index.html"
 
@@ -57,19 +60,17 @@ def check_plotting() -> None:
                             "installed: pip install 'edgefuse[train]'") from exc
 
 
-def write_report(out_dir: str, result: dict, model_path: str, data: str | None = None,
-                 recordings: Sequence[str] | None = None, labels: str | None = None) -> str:
-    """Write out_dir/index.html for an evaluate result; returns its path. ``data`` (a data
-    pack, evaluate_on_data) or ``recordings`` + ``labels`` (evaluate_on_recordings): what
-    the result was computed on, read again for the timeline."""
+def write_report(out_dir: str, evaluation: Evaluation, model_path: str,
+                 source: dict[str, str]) -> str:
+    """Write out_dir/index.html for an evaluation (its result and the windows it scored,
+    which the timeline draws from); ``source`` says what they were cut from (shown as
+    is). Returns the page's path."""
     check_plotting()
-    from edgefuse.models.report_timeline import timeline_from_data, timeline_from_recordings
-    if recordings:
-        timeline = timeline_from_recordings(model_path, recordings, labels, result)
-        source = {"recordings": ", ".join(recordings), "labels": labels}
-    else:
-        timeline = timeline_from_data(model_path, data, result)
-        source = {"data pack": data}
+    from edgefuse.models.report_timeline import build_timeline
+    result = evaluation.result
+    timeline = build_timeline(model_path, evaluation.ws, evaluation.idx,
+                              use_fallbacks=bool(result["fallbacks"]),
+                              abstain_all=bool(result.get("abstain_all", False)))
     page = render(result, model_path, source, timeline)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, REPORT_FILE)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Sequence
-
 import numpy as np
 
 from edgefuse.models.dataset import WindowSet
@@ -131,33 +129,3 @@ def build_timeline(model_path: str, ws: WindowSet, idx: np.ndarray,
     truth = [c.labels[k] if k >= 0 else "" for k in ws.label[rows]]
     return Timeline(node, group, c.hop_ns, ws.num["start_ns"][rows].astype(np.int64), energy,
                     reasons, truth, decisions, n_rec)
-
-
-def timeline_from_data(model_path: str, data_dir: str, result: dict) -> Timeline:
-    """The timeline of a held-out recording of a data pack, for evaluate_on_data's result."""
-    from edgefuse.models.evaluate import model_windows, select_windows
-    ws, column = model_windows(OnnxModel.load(model_path), data_dir)
-    keys = result["split_keys"]
-    idx = select_windows(ws, column, None if keys == "all" else keys)
-    return build_timeline(model_path, ws, idx, use_fallbacks=bool(result["fallbacks"]),
-                          abstain_all=bool(result.get("abstain_all", False)))
-
-
-def timeline_from_recordings(model_path: str, recordings: Sequence[str], labels: str,
-                             result: dict) -> Timeline:
-    """The same for evaluate_on_recordings' result: its windows come from the cache
-    evaluate just filled (same recordings, labels, rule, group and chunking)."""
-    from edgefuse.models.evaluate_recordings import label_rule
-    from edgefuse.models.recordings import RecordingSet, load_or_build_recordings
-    model = OnnxModel.load(model_path)
-    rec = RecordingSet(tuple(recordings), labels, result["split_column"], result["chunk_s"])
-    ws = load_or_build_recordings(rec, model.contract, label_rule(
-        {"label_rule": result["label_rule"]}), what="the model", error=ModalityMismatchError,
-        other_nodes_level=logging.DEBUG)
-    usable = ws.mask.sum(axis=1) > 0
-    keys = result["split_keys"]
-    if keys != "all":
-        usable &= np.isin(ws.meta["group"].astype(str), list(keys))
-    return build_timeline(model_path, ws, np.flatnonzero(usable),
-                          use_fallbacks=bool(result["fallbacks"]),
-                          abstain_all=bool(result.get("abstain_all", False)))

@@ -128,17 +128,22 @@ def cmd_replay(args) -> int:
         summary = replay(inputs, model, out, config=config, speed=args.speed,
                          progress=not args.quiet, faults=faults, inject_seed=args.inject_seed,
                          record=args.record, record_encoding=args.encoding)
+    _report_replay(summary, args)
+    reason = summary.no_decision_reason()
+    if reason is not None:
+        print(f"edgefuse replay: error: {reason}", file=sys.stderr)
+        return EXIT_NO_DECISION
+    return EXIT_OK
+
+
+def _report_replay(summary, args) -> None:
+    """What every replay says at its end: the log line, --stats, the summary line."""
     log.info("replayed %.1f s of data in %.2f s (%.0fx real time): %d chunks, %d decisions",
              summary.span_s, summary.wall_s, summary.realtime_factor, summary.chunks,
              summary.decisions)
     if args.stats:
         Path(args.stats).write_text(json.dumps(summary.stats, indent=1, sort_keys=True))
     print(f"edgefuse replay: {summary.line()}", file=sys.stderr)
-    reason = summary.no_decision_reason()
-    if reason is not None:
-        print(f"edgefuse replay: error: {reason}", file=sys.stderr)
-        return EXIT_NO_DECISION
-    return EXIT_OK
 
 
 def _replay_fleet(args, config) -> int:
@@ -161,12 +166,7 @@ def _replay_fleet(args, config) -> int:
         threads=args.threads, workers=args.workers, address=args.ray or None,
         chunk_s=args.chunk_s, out=args.out, resume=args.resume, progress=not args.quiet))
     summary = fleet.summary
-    log.info("replayed %.1f s of data in %.2f s (%.0fx real time): %d chunks, %d decisions",
-             summary.span_s, summary.wall_s, summary.realtime_factor, summary.chunks,
-             summary.decisions)
-    if args.stats:
-        Path(args.stats).write_text(json.dumps(summary.stats, indent=1, sort_keys=True))
-    print(f"edgefuse replay: {summary.line()}", file=sys.stderr)
+    _report_replay(summary, args)
     print(f"edgefuse replay: {fleet.line()}", file=sys.stderr)
     if fleet.failed or fleet.failed_inputs:
         print(f"edgefuse replay: error: {len(fleet.failed)} node(s) failed and "
