@@ -1,4 +1,5 @@
-"""The model subcommands of the ``edgefuse`` CLI: train, export, evaluate, quantize.
+"""The model subcommands of the ``edgefuse`` CLI: train, calibrate, export, evaluate,
+quantize.
 
 ``register(subparsers)`` adds them to the CLI's argparse subparsers. This
 module imports neither torch nor onnx: each handler imports what it needs
@@ -59,16 +60,83 @@ def cmd_train(args) -> int:
               f"{report.get('other_node_intervals', 0)} of nodes not recorded); windows "
               f"{report['windows']}", file=sys.stderr)
     calibration = s.get("calibration")
-    for route, e in sorted((calibration or {}).get("routes", {}).items()):
-        print(f"calibrated {route}: temperature {e['temperature']:.3f}, abstains below "
-              f"{e['threshold']:.3f}, keeping {e['coverage']:.1%} of {e['n']} validation "
-              f"windows at error {e['val_risk']:.2%} (bound {e['risk_bound']:.2%} <= "
-              f"{e['target_risk']:g})", file=sys.stderr)
+    _print_calibration(calibration)
     if not calibration:
         print("not calibrated (no validation groups or [calibration] enabled = false)",
               file=sys.stderr)
     print(f"checkpoint {result.checkpoint}", file=sys.stderr)
     print(result.model)
+    return 0
+
+
+def _print_calibration(calibration: dict | None) -> None:
+    how = "out-of-fold" if (calibration or {}).get("method") == "cross-fit" else "validation"
+    for route, e in sorted((calibration or {}).get("routes", {}).items()):
+        print(f"calibrated {route}: temperature {e['temperature']:.3f}, abstains below "
+              f"{e['threshold']:.3f}, keeping {e['coverage']:.1%} of {e['n']} {how} "
+              f"windows at error {e['val_risk']:.2%} (bound {e['risk_bound']:.2%} <= "
+              f"{e['target_risk']:g})", file=sys.stderr)
+
+
+def _checked_for_crossfit(model_path: str, prep, cfg) -> None:
+    """The model must be one this config's recipe trains: same labels and modalities,
+    same held-out keys (else the folds would calibrate on windows it is evaluated on)."""
+    from edgefuse.models.evaluate import eval_metadata
+    from edgefuse.runtime.core.inference import OnnxModel
+    model = OnnxModel.load(model_path)
+    got, want = model.contract, prep.contract
+    if list(got.labels) != list(want.labels) or \
+            [m.name for m in got.modalities] != [m.name for m in want.modalities]:
+        raise ConfigError(f"{model_path} has labels {list(got.labels)} and modalities "
+                          f"{[m.name for m in got.modalities]}; the config trains "
+                          f"{list(want.labels)} on {[m.name for m in want.modalities]}: give "
+                          "the config the model was trained with")
+    held = eval_metadata(model).get("test")
+    if held is not None and sorted(map(str, held)) != sorted(prep.split.test_keys):
+        raise ConfigError(f"{model_path} holds out {held} but the config holds out "
+                          f"{list(prep.split.test_keys)}: the fold models would be calibrated "
+                          "on windows the model is evaluated on; set [data] test to the "
+                          "model's held-out keys")
+
+
+def cmd_calibrate(args) -> int:
+    from edgefuse.runtime.core.inference import OnnxModel
+    if not os.path.isfile(args.model):
+        raise InputError(f"model {args.model!r} does not exist; give an .onnx file written "
+                         "by edgefuse train or export", path=args.model)
+    if args.remove:
+        from edgefuse.exporters.calibrate import set_calibration
+        OnnxModel.load(args.model)
+        set_calibration(args.model, None)
+        print(f"removed the calibration of {args.model} and its fallbacks", file=sys.stderr)
+        return 0
+    if not args.config:
+        raise ConfigError("give --config CONFIG (the TOML the model was trained with), or "
+                          "--remove")
+    _need_torch()
+    import dataclasses
+    import tempfile
+    from edgefuse.models.config import load_config
+    from edgefuse.models.crossfit import crossfit_calibrate
+    from edgefuse.models.prepare import prepare
+    if not os.path.isfile(args.config):
+        raise InputError(f"config {args.config!r} does not exist", path=args.config)
+    cfg = load_config(args.config)
+    cal = dataclasses.replace(cfg.calibration, enabled=True, method="cross-fit",
+                              **({"folds": args.folds} if args.folds else {}))
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=()), calibration=cal,
+                              train=dataclasses.replace(cfg.train, threads=args.threads or
+                                                        cfg.train.threads))
+    prep = prepare(cfg)
+    _checked_for_crossfit(args.model, prep, cfg)
+    with tempfile.TemporaryDirectory(prefix="edgefuse-crossfit-") as tmp:
+        summary = crossfit_calibrate(cfg, prep, args.model, args.work or tmp)
+    _print_calibration(summary)
+    print(f"calibrated {args.model} on {summary['val_windows']} out-of-fold windows of "
+          f"{len(summary['val'])} groups in {len(summary['folds'])} folds", file=sys.stderr)
+    if args.summary:
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2, sort_keys=True, default=float)
     return 0
 
 
@@ -188,7 +256,7 @@ def cmd_quantize(args) -> int:
 
 
 def register(subparsers) -> None:
-    """Add train, export, evaluate and quantize to an argparse subparsers object."""
+    """Add train, calibrate, export, evaluate and quantize to an argparse subparsers."""
     p = subparsers.add_parser("train", help="train a fusion model from a TOML config "
                               "(needs the train extra)")
     p.add_argument("config", help="TOML config, e.g. models/configs/detection.toml")
@@ -197,6 +265,21 @@ def register(subparsers) -> None:
     p.add_argument("--max-seconds", type=float, default=None,
                    help="stop after the epoch that passes this many seconds (smoke runs)")
     p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("calibrate", help="calibrate a trained model per route, "
+                              "cross-fitted on out-of-fold windows of its training config "
+                              "(needs the train extra)")
+    p.add_argument("model", metavar="MODEL", help="edgefuse ONNX model (its fallbacks too)")
+    p.add_argument("--config", default=None, help="the TOML the model was trained with: its "
+                   "recipe trains one model per fold of the training groups")
+    p.add_argument("--folds", type=int, default=None, help="default: [calibration] folds (5)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: config)")
+    p.add_argument("--work", default=None, metavar="DIR",
+                   help="keep the fold models in DIR (default: a temporary folder)")
+    p.add_argument("--summary", default=None, metavar="FILE",
+                   help="write the fitted table, folds and calibrator comparison as JSON")
+    p.add_argument("--remove", action="store_true", help="remove the model's calibration")
+    p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("export", help="export a checkpoint to an edgefuse ONNX model "
                               "with per-modality fallbacks (needs the train extra)")

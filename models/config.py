@@ -15,7 +15,9 @@ Both take [model] (the built-in net's embed/width/hidden/fusion, or network =
 with [data] val empty, ``val_fraction`` of the training groups, chosen by the
 seed, are held out for it: models/splits.py ``default_val_keys``; groups are
 split keys, or with ``val_by = "event"`` event groups: a goodvibes pass or noise
-recording with every node that saw it, an sp-sw-har execution). Unknown
+recording with every node that saw it, an sp-sw-har execution; ``method =
+"cross-fit"`` instead trains on every training group and fits on out-of-fold
+windows: models/crossfit.py). Unknown
 tables and keys are refused, naming them. Relative paths ([data] recordings,
 labels, [train] out, a network file) are relative to the config file.
 """
@@ -38,6 +40,7 @@ except ModuleNotFoundError:  # Python 3.10
 DATASETS = ("goodvibes", "sphar")
 FUSIONS = ("mlp", "late", "sum")
 VAL_BY = ("split", "event")
+CALIBRATION_METHODS = ("holdout", "cross-fit")
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,20 @@ class CalibrationConfig:
     delta: float = 0.1           # the threshold's risk bound holds with confidence 1 - delta
     val_fraction: float = 0.2    # [data] val empty: this share of the training groups ...
     val_by: str = "split"        # ... whole split keys, or "event": event groups
+    # "holdout": fit on the validation groups above (they are not trained on);
+    # "cross-fit": train on every training group, fit on out-of-fold windows of `folds`
+    # extra models, each trained without one fold of the groups (models/crossfit.py).
+    method: str = "holdout"
+    folds: int = 5
 
     def __post_init__(self) -> None:
+        if self.method not in CALIBRATION_METHODS:
+            raise ConfigError(f"[calibration] method must be one of {CALIBRATION_METHODS}, "
+                              f"found {self.method!r}")
+        if isinstance(self.folds, bool) or not isinstance(self.folds, int) or \
+                not 2 <= self.folds <= 20:
+            raise ConfigError(f"[calibration] folds must be an integer in [2, 20], found "
+                              f"{self.folds!r}")
         if self.val_by not in VAL_BY:
             raise ConfigError(f"[calibration] val_by must be one of {VAL_BY}, found "
                               f"{self.val_by!r}")
@@ -258,4 +273,9 @@ def load_config(path: str) -> RunConfig:
     train = _section(TrainConfig, train_raw, "train")
     train = dataclasses.replace(train, out=_resolve(base, train.out))
     calibration = _section(CalibrationConfig, raw.get("calibration", {}), "calibration")
+    if calibration.method == "cross-fit" and data.val:
+        raise ConfigError(f"{path}: [data] val = {list(data.val)} holds groups out for "
+                          "[calibration] method = \"holdout\"; cross-fit trains on every "
+                          "training group and fits on out-of-fold windows: remove [data] val "
+                          "or set method = \"holdout\"")
     return RunConfig(data, labels, model, train, calibration, contract, base)

@@ -59,7 +59,7 @@ def _split(cfg: RunConfig, ws: WindowSet, column: str, usable: np.ndarray,
     the training groups as validation: whole split keys, or whole event groups
     ([calibration] val_by = "event")."""
     cal = cfg.calibration
-    if cfg.data.val or not cal.enabled or cal.val_fraction <= 0:
+    if cfg.data.val or not cal.enabled or cal.val_fraction <= 0 or cal.method == "cross-fit":
         return make(tuple(cfg.data.val))
     if cal.val_by == "event":
         split = make(())

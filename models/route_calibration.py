@@ -93,14 +93,22 @@ def route_logits(model: OnnxModel, ws: WindowSet, idx: np.ndarray
 def calibrate_model(model_path: str | os.PathLike, ws: WindowSet, idx: np.ndarray,
                     group_keys: np.ndarray | None = None,
                     target_risk: float = cal.TARGET_RISK, delta: float = cal.DELTA) -> dict:
-    """Fit every route on the windows idx, write the table into model_path and its
-    fallbacks (exporters.calibrate.set_calibration) and return what summary.json keeps:
-    routes (the contract entries), calibrators (ECE and NLL of none / temperature /
-    vector scaling, each fitted on one half of the validation groups and measured on
-    the other, where the route has windows of two groups or more)."""
+    """Fit every route on the windows idx as model_path scores them, write the table into
+    model_path and its fallbacks and return what summary.json keeps (``write_calibration``)."""
+    data = route_logits(OnnxModel.load(model_path), ws, idx)
+    return write_calibration(model_path, data, group_keys, target_risk, delta)
+
+
+def write_calibration(model_path: str | os.PathLike,
+                      data: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+                      group_keys: np.ndarray | None = None,
+                      target_risk: float = cal.TARGET_RISK, delta: float = cal.DELTA) -> dict:
+    """Fit every route of ``data`` (route_logits' form: logits, labels, ws rows), write the
+    table into model_path and its fallbacks (exporters.calibrate.set_calibration) and
+    return what summary.json keeps: routes (the contract entries), calibrators (ECE and
+    NLL of none / temperature / vector scaling, each fitted on one half of the groups and
+    measured on the other, where the route has windows of two groups or more)."""
     from edgefuse.exporters.calibrate import set_calibration   # onnx: the train extra
-    model = OnnxModel.load(model_path)
-    data = route_logits(model, ws, idx)
     table = cal.fit_route_calibration({k: (z, y) for k, (z, y, _) in data.items()},
                                       target_risk, delta)
     set_calibration(model_path, table)

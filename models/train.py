@@ -10,8 +10,9 @@ fusion, per-modality subset heads) or the user's module ([model] network,
 models/custom.py). The run folder gets checkpoint.pt, model.onnx with one
 fallback per modality (``export.export_checkpoint``) and summary.json. The
 exported bundle is then calibrated per route on the validation groups
-(models/route_calibration.py, [calibration] in the config): the table is in the
-model's contract and in summary.json.
+(models/route_calibration.py, [calibration] in the config), or cross-fitted on
+out-of-fold training windows (models/crossfit.py, method = "cross-fit"): the
+table is in the model's contract and in summary.json.
 Config tables and checks: models/config.py.
 """
 from __future__ import annotations
@@ -170,18 +171,26 @@ def _accuracy(learner: _Learner, y: torch.Tensor, mask: torch.Tensor) -> float:
     return hits / max(1, y.numel())
 
 
-def _calibrate(cfg: RunConfig, prep: Prepared, model: str) -> dict | None:
-    """Calibrate the exported bundle on the validation windows (None: not calibrated)."""
+def _calibrate(cfg: RunConfig, prep: Prepared, model: str,
+               max_seconds: float | None = None) -> dict | None:
+    """Calibrate the exported bundle on the validation windows, or cross-fitted on
+    out-of-fold training windows (None: not calibrated)."""
     if not cfg.calibration.enabled:
         log.info("[calibration] enabled = false: the model is exported uncalibrated")
         return None
+    if cfg.calibration.method == "cross-fit":
+        from edgefuse.models.crossfit import crossfit_calibrate
+        return crossfit_calibrate(cfg, prep, model,
+                                  os.path.join(os.path.dirname(model), "crossfit"),
+                                  max_seconds)
     if prep.split.val.size == 0:
         log.warning("no validation windows ([data] val and the default share are empty): "
                     "the model is exported uncalibrated, so its routes never abstain on "
                     "their own; name validation groups in [data] val")
         return None
     from edgefuse.models.route_calibration import calibrate_model
-    return {"val": list(prep.split.val_keys), "val_windows": int(prep.split.val.size),
+    return {"method": "holdout", "val": list(prep.split.val_keys),
+            "val_windows": int(prep.split.val.size),
             **calibrate_model(model, prep.ws, prep.split.val, prep.ws.meta["group"],
                               cfg.calibration.target_risk, cfg.calibration.delta)}
 
@@ -193,15 +202,16 @@ class TrainResult:
     summary: dict
 
 
-def train(cfg: RunConfig, out_dir: str | None = None, max_seconds: float | None = None
-          ) -> TrainResult:
+def train(cfg: RunConfig, out_dir: str | None = None, max_seconds: float | None = None,
+          prepared: Prepared | None = None) -> TrainResult:
     """Train on the config's split, save the checkpoint, export the ONNX bundle.
-    ``max_seconds`` stops after the epoch that crosses it (smoke runs)."""
+    ``max_seconds`` stops after the epoch that crosses it (smoke runs); ``prepared``:
+    the windows and split to use instead of the config's (cross-fit folds)."""
     tc = cfg.train
     torch.manual_seed(tc.seed)
     np.random.seed(tc.seed)
     torch.set_num_threads(max(1, tc.threads))
-    prep = prepare(cfg)
+    prep = prepared if prepared is not None else prepare(cfg)
     ws, split, c = prep.ws, prep.split, prep.contract
     tr = split.train
     if tr.size < 2:
@@ -290,7 +300,7 @@ def train(cfg: RunConfig, out_dir: str | None = None, max_seconds: float | None 
     from edgefuse.models.export import export_checkpoint
     model = os.path.join(out_dir, "model.onnx")
     report = export_checkpoint(ckpt, model)
-    calibration = _calibrate(cfg, prep, model)
+    calibration = _calibrate(cfg, prep, model, max_seconds)
     if calibration:   # `edgefuse export` of the checkpoint writes it again
         save_checkpoint(ckpt, net, {**config, "calibration": calibration["routes"]})
     summary.update({"checkpoint": ckpt, "model": model, "model_files": sorted(report.files),
