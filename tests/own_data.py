@@ -12,8 +12,11 @@ labelled activities whose signals differ in every sensor:
 """
 from __future__ import annotations
 
+import os
 import wave
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -82,6 +85,21 @@ def labels_csv(path: Path, nodes: dict[str, str], plan=PLAN, t0_ns: int = T0_NS,
             t = end
     path.write_text("\n".join([*rows, *extra_rows]) + "\n")
     return path
+
+
+@contextmanager
+def own_recordings(root: Path, nodes: dict[str, str], extra_rows: tuple[str, ...] = ()
+                   ) -> Iterator[Path]:
+    """root/rec/<node> for every node (seed = its position), root/labels.csv, and
+    EDGEFUSE_CACHE pointed at root/cache while the block runs; yields root."""
+    for i, node in enumerate(nodes):
+        write_node(root / "rec", node, seed=i)
+    labels_csv(root / "labels.csv", nodes, extra_rows=extra_rows)
+    os.environ["EDGEFUSE_CACHE"] = str(root / "cache")
+    try:
+        yield root
+    finally:
+        os.environ.pop("EDGEFUSE_CACHE", None)
 
 
 def contract_toml(modalities: tuple[str, ...] = ("acoustic", "seismic", "imu"),

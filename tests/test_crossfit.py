@@ -6,7 +6,6 @@ the config did not train. Recordings: tests/own_data.py (n3 held out for test)."
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -16,7 +15,7 @@ from edgefuse.models.config import load_config
 from edgefuse.models.crossfit import fold_groups
 from edgefuse.runtime.cli import main
 from edgefuse.runtime.core.errors import ConfigError
-from tests.own_data import labels_csv, write_node
+from tests.own_data import own_recordings
 
 torch = pytest.importorskip("torch")
 
@@ -47,17 +46,10 @@ out = "runs/{out}"
 
 @pytest.fixture(scope="module")
 def crossfitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("crossfit")
-    for i, node in enumerate(NODES):
-        write_node(root / "rec", node, seed=i)
-    labels_csv(root / "labels.csv", NODES)
-    os.environ["EDGEFUSE_CACHE"] = str(root / "cache")
-    try:
+    with own_recordings(tmp_path_factory.mktemp("crossfit"), NODES) as root:
         assert main(["train", str(write_config(root, "cf"))]) == 0
         run = root / "runs" / "cf"
         yield root, run, json.loads((run / "summary.json").read_text())
-    finally:
-        os.environ.pop("EDGEFUSE_CACHE", None)
 
 
 def test_folds_are_whole_groups_dealt_by_the_seed():
@@ -102,27 +94,23 @@ def test_calibrate_command_gives_a_trained_model_the_same_table(crossfitted, tmp
     copy = tmp_path / "model.onnx"
     assert main(["calibrate", str(copy), "--remove"]) == 0
     assert OnnxModel.load(copy).contract.calibration == ()
-    os.environ["EDGEFUSE_CACHE"] = str(root / "cache")
-    try:
-        capsys.readouterr()
-        assert main(["calibrate", str(copy), "--config", str(write_config(root, "cf")),
-                     "--summary", str(tmp_path / "s.json")]) == 0
-        err = capsys.readouterr().err
-        assert "out-of-fold windows of 3 groups in 3 folds" in err and "calibrated all:" in err
-        got = {r: e.to_dict() for r, e in OnnxModel.load(copy).contract.calibration}
-        # the same recipe, seed and folds: the table train wrote
-        assert got.keys() == summary["calibration"]["routes"].keys()
-        for route, entry in got.items():
-            assert entry == pytest.approx(summary["calibration"]["routes"][route], rel=1e-6)
-        assert json.loads((tmp_path / "s.json").read_text())["folds"] == \
-            summary["calibration"]["folds"]
-        before = copy.read_bytes()
-        assert main(["calibrate", str(copy), "--config",
-                     str(write_config(root, "t1", test="n1"))]) == 1
-        assert "holds out ['n3'] but the config holds out ['n1']" in capsys.readouterr().err
-        assert copy.read_bytes() == before                      # refused: nothing written
-    finally:
-        os.environ.pop("EDGEFUSE_CACHE", None)
+    capsys.readouterr()
+    assert main(["calibrate", str(copy), "--config", str(write_config(root, "cf")),
+                 "--summary", str(tmp_path / "s.json")]) == 0
+    err = capsys.readouterr().err
+    assert "out-of-fold windows of 3 groups in 3 folds" in err and "calibrated all:" in err
+    got = {r: e.to_dict() for r, e in OnnxModel.load(copy).contract.calibration}
+    # the same recipe, seed and folds: the table train wrote
+    assert got.keys() == summary["calibration"]["routes"].keys()
+    for route, entry in got.items():
+        assert entry == pytest.approx(summary["calibration"]["routes"][route], rel=1e-6)
+    assert json.loads((tmp_path / "s.json").read_text())["folds"] == \
+        summary["calibration"]["folds"]
+    before = copy.read_bytes()
+    assert main(["calibrate", str(copy), "--config",
+                 str(write_config(root, "t1", test="n1"))]) == 1
+    assert "holds out ['n3'] but the config holds out ['n1']" in capsys.readouterr().err
+    assert copy.read_bytes() == before                      # refused: nothing written
 
 
 @pytest.mark.parametrize("text, words", [

@@ -9,7 +9,6 @@ epochs: the signals are easy, the point is the path, not the accuracy.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 
 from edgefuse.runtime.cli import main
 from edgefuse.runtime.core.errors import ConfigError, InputError
-from tests.own_data import LABELS, T0_NS, contract_toml, labels_csv, write_node
+from tests.own_data import LABELS, T0_NS, contract_toml, own_recordings, write_node
 
 torch = pytest.importorskip("torch")
 
@@ -56,15 +55,8 @@ out = "runs/{out}"
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
     """The recordings, the labels (with two intervals that label nothing) and a cache."""
-    root = tmp_path_factory.mktemp("own")
-    for i, node in enumerate(NODES):
-        write_node(root / "rec", node, seed=i)
-    labels_csv(root / "labels.csv", NODES, extra_rows=OUTSIDE_ROWS)
-    os.environ["EDGEFUSE_CACHE"] = str(root / "cache")
-    try:
+    with own_recordings(tmp_path_factory.mktemp("own"), NODES, OUTSIDE_ROWS) as root:
         yield root
-    finally:
-        os.environ.pop("EDGEFUSE_CACHE", None)
 
 
 @pytest.fixture(scope="module")
