@@ -78,21 +78,35 @@ def _print_calibration(calibration: dict | None) -> None:
               f"{e['target_risk']:g})", file=sys.stderr)
 
 
-def _checked_for_crossfit(model_path: str, prep, cfg) -> None:
-    """The model must be one this config's recipe trains: same labels and modalities,
-    same held-out keys (else the folds would calibrate on windows it is evaluated on)."""
+def _checked_for_crossfit(model_path: str, prep) -> None:
+    """The model must be one this config's recipe trains: same labels, modalities and
+    window grid, same held-out keys (else the folds would calibrate on windows it is
+    evaluated on)."""
+    import logging
     from edgefuse.models.evaluate import eval_metadata
     from edgefuse.runtime.core.inference import OnnxModel
     model = OnnxModel.load(model_path)
     got, want = model.contract, prep.contract
-    if list(got.labels) != list(want.labels) or \
-            [m.name for m in got.modalities] != [m.name for m in want.modalities]:
-        raise ConfigError(f"{model_path} has labels {list(got.labels)} and modalities "
-                          f"{[m.name for m in got.modalities]}; the config trains "
-                          f"{list(want.labels)} on {[m.name for m in want.modalities]}: give "
+
+    def shape(c) -> tuple:
+        return (list(c.labels), [(m.name, m.channels, m.rate_hz) for m in c.modalities],
+                c.window_ns, c.hop_ns)
+    if shape(got) != shape(want):
+        raise ConfigError(f"{model_path} has labels, modalities (name, channels, Hz), window "
+                          f"and hop (ns) {shape(got)}; the config trains {shape(want)}: give "
                           "the config the model was trained with")
-    held = eval_metadata(model).get("test")
-    if held is not None and sorted(map(str, held)) != sorted(prep.split.test_keys):
+    meta = eval_metadata(model)
+    held = meta.get("test")
+    if held is None:
+        logging.getLogger(__name__).warning(
+            "%s names no held-out split (no edgefuse.eval metadata): make sure none of its "
+            "test windows are in the config's training groups %s", model_path,
+            "(all but " + str(list(prep.split.test_keys)) + ")")
+    elif meta.get("split_column", prep.split_column) != prep.split_column:
+        raise ConfigError(f"{model_path} was split by {meta.get('split_column')!r}, the "
+                          f"config splits by {prep.split_column!r}: give the config the model "
+                          "was trained with")
+    elif sorted(map(str, held)) != sorted(prep.split.test_keys):
         raise ConfigError(f"{model_path} holds out {held} but the config holds out "
                           f"{list(prep.split.test_keys)}: the fold models would be calibrated "
                           "on windows the model is evaluated on; set [data] test to the "
@@ -106,9 +120,10 @@ def cmd_calibrate(args) -> int:
                          "by edgefuse train or export", path=args.model)
     if args.remove:
         from edgefuse.exporters.calibrate import set_calibration
-        OnnxModel.load(args.model)
+        n = len(OnnxModel.load(args.model).contract.fallbacks)
         set_calibration(args.model, None)
-        print(f"removed the calibration of {args.model} and its fallbacks", file=sys.stderr)
+        print(f"removed the calibration of {args.model}"
+              + (f" and its {n} fallbacks" if n else ""), file=sys.stderr)
         return 0
     if not args.config:
         raise ConfigError("give --config CONFIG (the TOML the model was trained with), or "
@@ -122,15 +137,20 @@ def cmd_calibrate(args) -> int:
     if not os.path.isfile(args.config):
         raise InputError(f"config {args.config!r} does not exist", path=args.config)
     cfg = load_config(args.config)
+    if args.folds is not None and not 2 <= args.folds <= 20:
+        raise ConfigError(f"--folds must be in [2, 20], found {args.folds}")
     cal = dataclasses.replace(cfg.calibration, enabled=True, method="cross-fit",
-                              **({"folds": args.folds} if args.folds else {}))
+                              **({"folds": args.folds} if args.folds is not None else {}))
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, val=()), calibration=cal,
                               train=dataclasses.replace(cfg.train, threads=args.threads or
                                                         cfg.train.threads))
     prep = prepare(cfg)
-    _checked_for_crossfit(args.model, prep, cfg)
-    with tempfile.TemporaryDirectory(prefix="edgefuse-crossfit-") as tmp:
-        summary = crossfit_calibrate(cfg, prep, args.model, args.work or tmp)
+    _checked_for_crossfit(args.model, prep)
+    if args.work:
+        summary = crossfit_calibrate(cfg, prep, args.model, args.work)
+    else:
+        with tempfile.TemporaryDirectory(prefix="edgefuse-crossfit-") as tmp:
+            summary = crossfit_calibrate(cfg, prep, args.model, tmp)
     _print_calibration(summary)
     print(f"calibrated {args.model} on {summary['val_windows']} out-of-fold windows of "
           f"{len(summary['val'])} groups in {len(summary['folds'])} folds", file=sys.stderr)
@@ -263,7 +283,9 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="run folder (default: [train] out of the config)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: config)")
     p.add_argument("--max-seconds", type=float, default=None,
-                   help="stop after the epoch that passes this many seconds (smoke runs)")
+                   help="stop after the epoch that passes this many seconds (smoke runs); "
+                        "with [calibration] method = \"cross-fit\" each fold model gets the "
+                        "same budget, so up to (folds + 1) x this in all")
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("calibrate", help="calibrate a trained model per route, "
@@ -279,6 +301,9 @@ def register(subparsers) -> None:
     p.add_argument("--summary", default=None, metavar="FILE",
                    help="write the fitted table, folds and calibrator comparison as JSON")
     p.add_argument("--remove", action="store_true", help="remove the model's calibration")
+    p.epilog = ("Only the .onnx files change: a checkpoint.pt beside the model keeps the table "
+                "it had, and `edgefuse export` of it writes that one; calibrate the exported "
+                "model again.")
     p.set_defaults(func=cmd_calibrate)
 
     p = subparsers.add_parser("export", help="export a checkpoint to an edgefuse ONNX model "

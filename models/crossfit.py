@@ -64,13 +64,32 @@ def fold_groups(groups: list[str], folds: int, seed: int) -> list[tuple[str, ...
     return [tuple(sorted(uniq[i] for i in order[f::k])) for f in range(k)]
 
 
+def planned_folds(cfg: RunConfig, prep: Prepared) -> list[tuple[str, ...]]:
+    """The folds cross-fit will hold out, checked before any training: at least 2
+    training groups, and every fold leaves 2 or more training windows."""
+    keys = group_keys(prep, cfg.calibration.val_by)
+    train_keys = keys[prep.split.train]
+    folds = fold_groups(train_keys.tolist(), cfg.calibration.folds, cfg.train.seed)
+    for k, held in enumerate(folds):
+        if int(np.sum(~np.isin(train_keys, held))) < 2:
+            raise ConfigError(f"cross-fit fold {k + 1} holds out {list(held)} and leaves fewer "
+                              "than 2 training windows; give more recordings or use fewer "
+                              "[calibration] folds")
+    return folds
+
+
 def fold_logits(cfg: RunConfig, prep: Prepared, work_dir: str,
                 max_seconds: float | None = None) -> tuple[dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], list]:
     """(route -> pooled out-of-fold (logits, labels, ws rows), the folds' groups)."""
     from edgefuse.models.train import train     # torch: imported when a run needs it
     keys = group_keys(prep, cfg.calibration.val_by)
     train_rows = prep.split.train
-    folds = fold_groups(keys[train_rows].tolist(), cfg.calibration.folds, cfg.train.seed)
+    folds = planned_folds(cfg, prep)
+    stale = sorted(set(os.listdir(work_dir)) - {f"fold{k}" for k in range(len(folds))}
+                   ) if os.path.isdir(work_dir) else []
+    if stale:
+        log.warning("%s holds %s from an earlier run; they are not part of this "
+                    "calibration", work_dir, stale)
     fold_cfg = dataclasses.replace(cfg, calibration=dataclasses.replace(
         cfg.calibration, enabled=False))
     pooled: dict[str, list[list[np.ndarray]]] = {}

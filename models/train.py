@@ -214,6 +214,9 @@ def train(cfg: RunConfig, out_dir: str | None = None, max_seconds: float | None 
     prep = prepared if prepared is not None else prepare(cfg)
     ws, split, c = prep.ws, prep.split, prep.contract
     tr = split.train
+    if cfg.calibration.enabled and cfg.calibration.method == "cross-fit":
+        from edgefuse.models.crossfit import planned_folds
+        planned_folds(cfg, prep)   # refused before training, not after
     if tr.size < 2:
         raise ConfigError(f"only {tr.size} training windows after holding out {split.test_keys}; "
                           "hold out fewer keys or give more labelled recordings")

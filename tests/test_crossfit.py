@@ -82,6 +82,8 @@ def test_cross_fit_trains_on_every_training_node_and_fits_out_of_fold(crossfitte
     table = {r: e.to_dict() for r, e in model.contract.calibration}
     assert table == cal["routes"] and {"all", "subset:imu", "masked"} <= set(table)
     assert table["all"]["n"] == summary["train_windows"]        # every window, all present
+    pairs = [r for r in table if r.startswith("masked:")]
+    assert pairs and table["masked"]["n"] == sum(table[r]["n"] for r in pairs)  # pooled once
     for e in table.values():
         assert e["temperature"] > 0 and (e["threshold"] == 1.0 or e["risk_bound"] <= 0.02)
 
@@ -130,3 +132,14 @@ def test_cross_fit_with_validation_groups_is_refused(tmp_path):
         load_config(str(path))
     path.write_text(path.read_text().replace('method = "cross-fit"', 'method = "holdout"'))
     assert load_config(str(path)).data.val == ("n1",)      # hold-out keeps [data] val
+
+
+def test_cross_fit_with_one_training_group_is_refused_before_training(crossfitted, capsys):
+    root = crossfitted[0]
+    path = write_config(root, "one")
+    path.write_text(path.read_text().replace('test = ["n3"]', 'test = ["n1", "n2", "n3"]'))
+    capsys.readouterr()
+    assert main(["train", str(path)]) == 1
+    assert "cross-fit calibration needs at least 2 training groups; found ['n5']" in \
+        capsys.readouterr().err
+    assert not (root / "runs" / "one").exists()               # nothing trained or written
