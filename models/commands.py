@@ -87,14 +87,11 @@ def _checked_for_crossfit(model_path: str, prep) -> None:
     from edgefuse.runtime.core.inference import OnnxModel
     model = OnnxModel.load(model_path)
     got, want = model.contract, prep.contract
-
-    def shape(c) -> tuple:
-        return (list(c.labels), [(m.name, m.channels, m.rate_hz) for m in c.modalities],
-                c.window_ns, c.hop_ns)
-    if shape(got) != shape(want):
-        raise ConfigError(f"{model_path} has labels, modalities (name, channels, Hz), window "
-                          f"and hop (ns) {shape(got)}; the config trains {shape(want)}: give "
-                          "the config the model was trained with")
+    if (got.labels, got.alignment) != (want.labels, want.alignment):
+        raise ConfigError(f"{model_path} has labels {list(got.labels)} and window, hop (ns), "
+                          f"modalities (name, channels, Hz) {got.alignment}; the config trains "
+                          f"{list(want.labels)} on {want.alignment}: give the config the model "
+                          "was trained with")
     meta = eval_metadata(model)
     held = meta.get("test")
     if held is None:

@@ -48,6 +48,17 @@ def test_valid_contract_parses_and_round_trips():
     assert again == c
 
 
+def test_alignment_is_what_cuts_the_windows_and_nothing_else():
+    """The daemon refuses a reload, and `edgefuse calibrate` a config, on other alignment."""
+    c = ModelContract.from_dict(valid_doc())
+    other = valid_doc()
+    other.update(name="renamed", labels=["a", "b", "c"], calibration={})
+    assert ModelContract.from_dict(other).alignment == c.alignment
+    for path, value in ((["window_ns"], 2_000_000_000), (["modalities", 2, "rate_hz"], 50.0),
+                        (["modalities", 2, "channels"], 3)):
+        assert ModelContract.from_dict(_mutated(path, value)).alignment != c.alignment, path
+
+
 def test_output_kind_defaults_to_logits_and_fallbacks_to_none():
     doc = valid_doc()
     del doc["output_kind"], doc["fallbacks"], doc["calibration"]

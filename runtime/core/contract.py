@@ -123,6 +123,13 @@ class ModelContract:
     def modality_names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.modalities)
 
+    @property
+    def alignment(self) -> tuple:
+        """What fixes the windows cut from the streams: window, hop and each modality's
+        (name, channels, rate); two contracts with equal alignment cut the same windows."""
+        return (self.window_ns, self.hop_ns,
+                tuple((m.name, m.channels, m.rate_hz) for m in self.modalities))
+
     def modality(self, name: str) -> ModalitySpec:
         for m in self.modalities:
             if m.name == name:

@@ -70,14 +70,6 @@ def load_model(config: Config) -> OnnxModel:
                           require_provider=m.require_provider, intra_op_threads=m.threads)
 
 
-def same_alignment(a, b) -> bool:
-    """True when contract b cuts the same windows from the same streams as a."""
-    def key(c):
-        return (c.window_ns, c.hop_ns,
-                tuple((m.name, m.channels, m.rate_hz) for m in c.modalities))
-    return key(a) == key(b)
-
-
 class Daemon:
     def __init__(self, config: Config, notifier: Notifier | None = None):
         self.config = config
@@ -347,7 +339,7 @@ class Daemon:
         if isinstance(result, Exception):
             self.metrics.reloads.labels("failed").inc()
             log.error("model reload failed, keeping %s: %s", old.contract.ident, result)
-        elif not same_alignment(old.contract, result.contract):
+        elif old.contract.alignment != result.contract.alignment:
             self.metrics.reloads.labels("refused").inc()
             log.error("model reload refused: %s cuts other windows or modalities than %s; "
                       "restart the service to change them", result.contract.ident,
